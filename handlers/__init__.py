@@ -1,0 +1,1 @@
+"""Built-in handler plugins (see ignite_fixmatch.plugins for the contract)."""
