@@ -1,0 +1,46 @@
+"""tensorboard: every step metric and every evaluation metric in TensorBoard event files (rank 0)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers.tensorboard_logger import GradsScalarHandler, OutputHandler, TensorboardLogger
+
+from ignite_fixmatch.plugins import Context, step_scalars
+
+class TensorBoard:
+    """Train scalars every ``every`` iterations under ``train/``, evaluation metrics under ``test_<model>/``,
+    written to ``OUTPUT/tensorboard``. Uses Ignite's TensorboardLogger."""
+
+    rank_zero_only = True
+
+    def __init__(self, every: int = 10, log_dir: str = "tensorboard", grad_norm: bool = False) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1 iterations, got {every!r}")
+        self.every, self.log_dir, self.grad_norm = every, log_dir, grad_norm
+
+    def attach(self, ctx: Context) -> None:
+        self.logger = TensorboardLogger(log_dir=str(Path(ctx.output_dir) / self.log_dir))
+        trainer = ctx.trainer
+        self.logger.attach(
+            trainer,
+            log_handler=_log_train_scalars,
+            event_name=Events.ITERATION_COMPLETED(every=self.every),
+        )
+        if self.grad_norm:
+            self.logger.attach(trainer, log_handler=GradsScalarHandler(ctx.model, reduction=torch.norm), event_name=Events.ITERATION_COMPLETED(every=self.every))
+        for name, evaluator in ctx.evaluators.items():
+            self.logger.attach(
+                evaluator,
+                log_handler=OutputHandler(tag=f"test_{name}", metric_names=["top1", "top5", "loss"], global_step_transform=lambda *_: trainer.state.iteration),
+                event_name=Events.COMPLETED,
+            )
+        trainer.add_event_handler(Events.COMPLETED, lambda _: self.logger.close())
+
+
+def _log_train_scalars(engine: Engine, logger: TensorboardLogger, event_name: Any) -> None:
+    for key, value in step_scalars(engine).items():
+        logger.writer.add_scalar(f"train/{key}", value, engine.state.iteration)

@@ -1,0 +1,411 @@
+"""The one typed schema of every option, its default and its check.
+
+A run is described by a YAML file merged with ``a.b=value`` overrides from the command line.
+Everything is checked here, before any data or model is touched: an unknown key, a wrong type
+or an invalid value raises :class:`ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+DATASETS = ("cifar10", "cifar100", "svhn", "stl10", "folder", "digits")
+# Number of classes of the data sets whose classes are known before any file is read.
+KNOWN_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "stl10": 10, "digits": 10}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that says which key, what value and what is allowed."""
+
+
+@dataclass
+class HandlerSpec:
+    """One entry of ``handlers:``: a built-in name or ``package.module:Class``, and its params."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    name: Literal["cifar10", "cifar100", "svhn", "stl10", "folder", "digits"] = "cifar10"
+    root: str = "data"
+    download: bool = True
+    # Labeled images drawn from the training pool, balanced over classes; -1 labels all of it.
+    num_labels: int = 4000
+    # Input side in pixels; null keeps the data set's own size (32 CIFAR/SVHN, 96 STL-10, 8 digits).
+    image_size: Optional[int] = None
+    # Colour channels for `folder` (3 RGB, 1 grayscale); null: 3 for folder, the data set's own otherwise.
+    channels: Optional[int] = None
+    # `folder` only: a folder of extra unlabeled images without class sub-folders (relative to root).
+    unlabeled_dir: Optional[str] = None
+    # Keep the labeled images in the unlabeled stream too (reference behaviour).
+    unlabeled_includes_labeled: bool = True
+    batch_size: int = 64  # labeled images per step, over all processes
+    mu: int = 7  # unlabeled images per labeled image
+    eval_batch_size: int = 1024  # over all processes
+    num_workers: int = 4  # data-loading processes per training process
+    randaugment: Literal["reference", "official"] = "reference"
+    pad_mode: Literal["constant", "reflect"] = "constant"  # reference pads with zeros, official reflects
+    # Random horizontal flip in both views; null: on, except for digits (svhn, digits).
+    flip: Optional[bool] = None
+    # Skip unreadable images (with a warning and a count) instead of stopping.
+    skip_corrupt: bool = False
+    # Seed of the labeled split; null uses `seed`.
+    split_seed: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    # "wrn" (Wide ResNet 6n+4) or any torchvision classification model name, e.g. resnet18.
+    name: str = "wrn"
+    depth: int = 28
+    widen_factor: int = 2
+    dropout: float = 0.0
+    leaky_slope: float = 0.1
+    bn_momentum: float = 0.001
+    shortcut_variant: Literal["reference", "official"] = "reference"
+    # Convert batch-norm to SyncBatchNorm under DDP (statistics over all processes).
+    sync_bn: bool = False
+    # NHWC memory layout: faster convolutions on recent CPUs and GPUs.
+    channels_last: bool = True
+
+
+@dataclass
+class FixMatchConfig:
+    threshold: float = 0.95  # confidence at or above which a pseudo-label is used
+    lambda_u: float = 1.0  # weight of the unlabeled loss; 0 trains on labels only
+    hard_label: bool = True  # hard pseudo-labels; false uses softmax(logits_weak / T)
+    T: float = 0.5  # temperature of soft pseudo-labels
+    # Interleave labeled/weak/strong parts so each batch-norm sees the same mix (official code).
+    interleave: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.03
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    # reference: decay every parameter whose name has no "bn"; official: only conv/linear weights.
+    wd_rule: Literal["reference", "official"] = "reference"
+
+
+@dataclass
+class TrainConfig:
+    num_iters: int = 2**20
+    # Iterations per Ignite "epoch": the period of EPOCH_* events (data streams are infinite).
+    epoch_length: int = 1024
+
+
+@dataclass
+class DistConfig:
+    # null: single process (CPU or one GPU), or whatever torchrun set up. "nccl" (GPUs) or "gloo" (CPU).
+    backend: Optional[Literal["nccl", "gloo"]] = None
+    nproc_per_node: Optional[int] = None  # processes spawned by Ignite on this node
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+    # A collective that waits longer than this fails the job instead of hanging it.
+    timeout_s: int = 600
+
+
+def default_handlers() -> list[HandlerSpec]:
+    return [
+        HandlerSpec("ema"),
+        HandlerSpec("cosine_lr"),
+        HandlerSpec("terminate_on_nan"),
+        HandlerSpec("evaluation"),
+        HandlerSpec("checkpoint"),
+        HandlerSpec("tensorboard"),
+        HandlerSpec("progress"),
+    ]
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/fixmatch"
+    seed: int = 0
+    amp: bool = False  # mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (see amp_dtype)
+    amp_dtype: Literal["auto", "float16", "bfloat16"] = "auto"
+    # null: new run; "auto": newest checkpoint in output_dir (a new run if none); or a checkpoint path.
+    resume: Optional[str] = None
+    overwrite: bool = False  # allow a new run in a non-empty output_dir (its old content is cleared)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    handlers: list[HandlerSpec] = field(default_factory=default_handlers)
+
+
+# --------------------------------------------------------------------------- building from data
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        parts = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(parts) + " or null"
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    raise ConfigError(f"config key '{key}': got {shown}, expected {allowed}.")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Turn a YAML value into the schema's type, refusing anything that does not fit exactly."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key) if value is not None else _fail(key, value, _describe(tp))
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool):
+            _fail(key, value, _describe(tp))
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            _fail(key, value, "a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            _fail(key, value, "a mapping with string keys")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            _fail(key, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(key, value, "a number")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            _fail(key, value, "a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            _fail(key, value, "a non-empty string")
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} at {key}")  # a bug in the schema, not user input
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "the top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        _fail(where, data, "a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(
+            f"unknown config key '{key}'. Known keys{' under ' + repr(prefix) if prefix else ''}: {', '.join(names)}."
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{prefix}.{f.name}" if prefix else f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config key '{prefix}.{f.name}' is required.")
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- checks of values
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        _fail(key, value, allowed)
+
+
+def validate(cfg: Config) -> Config:
+    """Check the values a type cannot express. Returns cfg for chaining."""
+    d, m, fm, o, t, dist = cfg.data, cfg.model, cfg.fixmatch, cfg.optim, cfg.train, cfg.dist
+    _require(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+    _require(d.num_labels == -1 or d.num_labels > 0, "data.num_labels", d.num_labels, "a positive integer or -1 (all)")
+    n_cls = KNOWN_NUM_CLASSES.get(d.name)
+    if n_cls and d.num_labels > 0:
+        _require(
+            d.num_labels % n_cls == 0,
+            "data.num_labels",
+            d.num_labels,
+            f"a multiple of the {n_cls} classes of {d.name} (the split is balanced per class)",
+        )
+    if d.num_labels > 0:
+        _require(
+            d.batch_size <= d.num_labels,
+            "data.batch_size",
+            d.batch_size,
+            f"at most data.num_labels={d.num_labels} (a labeled batch cannot exceed the labeled set)",
+        )
+    _require(d.image_size is None or 4 <= d.image_size <= 4096, "data.image_size", d.image_size, "null or 4..4096")
+    _require(d.channels in (None, 1, 3), "data.channels", d.channels, "null, 1 or 3")
+    _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
+    _require(d.mu >= 1, "data.mu", d.mu, "an integer >= 1")
+    _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    _require(d.unlabeled_dir is None or d.name == "folder", "data.unlabeled_dir", d.unlabeled_dir, "null unless data.name is 'folder'")
+    _require(d.split_seed is None or d.split_seed >= 0, "data.split_seed", d.split_seed, "null or an integer >= 0")
+    _require(m.depth >= 10 and (m.depth - 4) % 6 == 0, "model.depth", m.depth, "6n+4 with n >= 1 (10, 16, 22, 28, ...)")
+    _require(m.widen_factor >= 1, "model.widen_factor", m.widen_factor, "an integer >= 1")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a number in [0, 1)")
+    _require(0.0 <= m.leaky_slope < 1.0, "model.leaky_slope", m.leaky_slope, "a number in [0, 1)")
+    _require(0.0 < m.bn_momentum <= 1.0, "model.bn_momentum", m.bn_momentum, "a number in (0, 1]")
+    _require(0.0 <= fm.threshold <= 1.0, "fixmatch.threshold", fm.threshold, "a number in [0, 1]")
+    _require(fm.lambda_u >= 0.0, "fixmatch.lambda_u", fm.lambda_u, "a number >= 0")
+    _require(fm.T > 0.0, "fixmatch.T", fm.T, "a number > 0")
+    _require(o.lr > 0.0, "optim.lr", o.lr, "a number > 0")
+    _require(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "a number in [0, 1)")
+    _require(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "false when optim.momentum is 0")
+    _require(o.weight_decay >= 0.0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _require(t.num_iters >= 1, "train.num_iters", t.num_iters, "an integer >= 1")
+    _require(t.epoch_length >= 1, "train.epoch_length", t.epoch_length, "an integer >= 1")
+    _require(dist.nproc_per_node is None or dist.nproc_per_node >= 1, "dist.nproc_per_node", dist.nproc_per_node, "null or an integer >= 1")
+    _require(dist.nnodes >= 1, "dist.nnodes", dist.nnodes, "an integer >= 1")
+    _require(0 <= dist.node_rank < dist.nnodes, "dist.node_rank", dist.node_rank, f"0..{dist.nnodes - 1} (dist.nnodes - 1)")
+    _require(dist.master_port is None or 1 <= dist.master_port <= 65535, "dist.master_port", dist.master_port, "1..65535")
+    _require(dist.timeout_s >= 1, "dist.timeout_s", dist.timeout_s, "an integer >= 1 (seconds)")
+    if dist.nproc_per_node is not None:
+        world = dist.nproc_per_node * dist.nnodes
+        check_divisible(cfg, world)
+    if dist.nnodes > 1:
+        _require(dist.nproc_per_node is not None, "dist.nproc_per_node", None, "an integer when dist.nnodes > 1")
+        _require(dist.backend is not None, "dist.backend", None, "'nccl' or 'gloo' when dist.nnodes > 1")
+    _require(cfg.resume is None or cfg.resume.strip() != "", "resume", cfg.resume, "null, 'auto' or a checkpoint path")
+    for i, spec in enumerate(cfg.handlers):
+        _require(spec.name.strip() == spec.name and spec.name != "", f"handlers[{i}].name", spec.name, "a handler name")
+    return cfg
+
+
+def check_divisible(cfg: Config, world_size: int) -> None:
+    """Batch sizes are global, as in the reference: each must split evenly over the processes."""
+    for key, value in (("data.batch_size", cfg.data.batch_size), ("data.eval_batch_size", cfg.data.eval_batch_size)):
+        _require(
+            value % world_size == 0,
+            key,
+            value,
+            f"a multiple of the {world_size} processes (batch sizes are global and split evenly over processes)",
+        )
+
+
+# --------------------------------------------------------------------------- YAML and overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value), the value read as YAML ("false" is False, "1e-3" a number)."""
+    if "=" not in text:
+        raise ConfigError(f"command-line override {text!r} is not of the form key=value (e.g. optim.lr=0.01).")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"command-line override {text!r}: the key {key!r} is not a dotted name like optim.lr.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command-line override {text!r}: the value is not valid YAML ({e}).") from None
+    return parts, value
+
+
+def _set_path(data: dict, parts: list[str], value: Any, text: str) -> None:
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node[int(part)] if isinstance(node, list) and part.isdigit() and int(part) < len(node) else None
+        if isinstance(node, dict):
+            nxt = node.setdefault(part, {})
+            if nxt is None:
+                nxt = node[part] = {}
+        if not isinstance(nxt, (dict, list)):
+            raise ConfigError(f"command-line override {text!r}: '{'.'.join(parts[: i + 1])}' is not a section.")
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        if not (last.isdigit() and int(last) < len(node)):
+            raise ConfigError(f"command-line override {text!r}: no list item {last!r}.")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _handlers_with_defaults(data: dict) -> dict:
+    """Overrides like handlers.2.params.every=10 need the default list to exist first."""
+    if "handlers" not in data:
+        data["handlers"] = [dataclasses.asdict(h) for h in default_handlers()]
+    return data
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML file (or nothing), apply overrides, build and validate the typed config."""
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist (give the path of a YAML file, e.g. configs/quickstart.yaml).")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".strip()) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {str(path)!r} must hold a mapping of keys to values (like 'seed: 0'), not {type(data).__name__}."
+            )
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] == "handlers" and len(parts) > 1:
+            _handlers_with_defaults(data)
+        _set_path(data, parts, value, text)
+    return validate(_build(Config, data, ""))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a config saved with :func:`to_dict` (e.g. from a checkpoint)."""
+    return validate(_build(Config, data, ""))

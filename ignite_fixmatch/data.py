@@ -1,0 +1,273 @@
+"""Labeled split, stateless infinite samplers, augmented data sets and the loaders of a run.
+
+Randomness that survives resume and any number of workers or processes:
+- the labeled split has its own generator seeded from the split seed;
+- the order of pass ``e`` of a stream is a permutation drawn from ``(seed, stream, e)``;
+  global batch ``b`` holds stream positions ``[b*G, (b+1)*G)`` and rank ``r`` takes every
+  ``world``-th of them, so the global batch is the same whatever the number of processes;
+- each sample's augmentation draws from ``random.Random`` seeded by ``(seed, stream, position)``;
+- the stream starts at the trainer's iteration, so a resumed run reads exactly what the
+  uninterrupted one would have read, without storing any sampler state.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ignite_fixmatch.augment import StrongView, WeakView
+from ignite_fixmatch.config import Config, ConfigError
+from ignite_fixmatch.datasets import DataSources, ImageSource
+
+LABELED, UNLABELED, EVAL = 0, 1, 2  # stream ids: part of every seed so the streams are independent
+PAD_FRACTION = 0.125  # 4 px of 32 (CIFAR), 12 px of 96 (STL-10)
+
+
+def split_labeled(targets: np.ndarray, num_labels: int, num_classes: int, seed: int) -> np.ndarray:
+    """Indices of ``num_labels`` images, ``num_labels / num_classes`` per class, drawn without
+    replacement by a generator of their own (so no other random draw can change the split).
+    ``num_labels == -1`` labels everything."""
+    targets = np.asarray(targets)
+    if num_labels == -1:
+        return np.arange(len(targets), dtype=np.int64)
+    if num_labels % num_classes:
+        raise ConfigError(
+            f"config key 'data.num_labels': got {num_labels}, expected a multiple of the {num_classes} classes "
+            "(the split is balanced per class)."
+        )
+    per_class = num_labels // num_classes
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(num_classes):
+        pool = np.flatnonzero(targets == c)
+        if len(pool) < per_class:
+            raise ConfigError(
+                f"config key 'data.num_labels': got {num_labels}, which needs {per_class} images of class {c} "
+                f"but the training set has {len(pool)}; lower data.num_labels or use -1 for all."
+            )
+        chosen.append(rng.choice(pool, per_class, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _permutation(n: int, seed: int, stream: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(hash_seed(seed, stream, epoch))
+    return torch.randperm(n, generator=g)
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers; equal on every process and Python run (no hash randomisation)."""
+    return random.Random("/".join(str(int(p)) for p in parts)).getrandbits(63)
+
+
+class InfiniteShardedBatchSampler(Sampler):
+    """Yields, forever, this rank's share of global batch b, b+1, ... as (index, position) pairs.
+
+    Stateless: batch b is a function of (seed, stream, b) only, so resuming needs just b.
+    """
+
+    def __init__(
+        self, num_samples: int, global_batch: int, *, seed: int, stream: int, rank: int = 0, world_size: int = 1, start_batch: int = 0
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if global_batch % world_size:
+            raise ValueError(f"global_batch {global_batch} does not split over {world_size} processes")
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.seed, self.stream, self.rank, self.world_size = seed, stream, rank, world_size
+        self.start_batch = start_batch
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def index_at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_samples)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, _permutation(self.num_samples, self.seed, self.stream, epoch)
+        return int(self._perm[offset])
+
+    def batch(self, b: int) -> list[tuple[int, int]]:
+        first = b * self.global_batch
+        return [(self.index_at(p), p) for p in range(first + self.rank, first + self.global_batch, self.world_size)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        b = self.start_batch
+        while True:
+            yield self.batch(b)
+            b += 1
+
+
+class ShardedEvalSampler(Sampler):
+    """Every rank takes indices rank, rank+world, ...: each test image is evaluated exactly once
+    (unlike DistributedSampler, which pads with repeats)."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = range(rank, num_samples, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class AugmentedDataset(Dataset):
+    """Turns (index, position) into the sample's views, each seeded by (seed, stream, position)."""
+
+    def __init__(self, source: ImageSource, indices: np.ndarray, views: Sequence[Callable], seed: int, stream: int) -> None:
+        self.source, self.indices, self.views = source, indices, list(views)
+        self.seed, self.stream = seed, stream
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, ...]:
+        i, position = key
+        idx = int(self.indices[i])
+        img = self.source.load(idx)
+        rng = random.Random(hash_seed(self.seed, self.stream, position))
+        return (*(view(img, rng) for view in self.views), int(self.source.targets[idx]))
+
+
+class EvalDataset(Dataset):
+    def __init__(self, source: ImageSource, view: Callable) -> None:
+        self.source, self.view = source, view
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.view(self.source.load(i)), int(self.source.targets[i])
+
+
+class ConcatSource:
+    """The unlabeled pool: several ImageSources seen as one (targets kept where known)."""
+
+    def __init__(self, parts: Sequence[tuple[ImageSource, np.ndarray]]) -> None:
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(idx) for _, idx in self.parts])
+        self.targets = np.concatenate([src.targets[idx] for src, idx in self.parts]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def load(self, i: int):
+        part = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        src, idx = self.parts[part]
+        return src.load(int(idx[i - self.offsets[part]]))
+
+
+@dataclass
+class FixMatchData:
+    """Everything data-related a run needs, built once per process."""
+
+    sources: DataSources
+    labeled_indices: np.ndarray
+    unlabeled: Any  # ImageSource-like: len, load, targets
+    weak: WeakView
+    strong: StrongView
+    eval_view: Callable
+    flip: bool
+
+
+def view_settings(cfg: Config, sources: DataSources) -> dict[str, Any]:
+    size = cfg.data.image_size or sources.default_image_size
+    flip = cfg.data.flip if cfg.data.flip is not None else cfg.data.name not in ("svhn", "digits")
+    return dict(pad=int(round(size * PAD_FRACTION)), pad_mode=cfg.data.pad_mode, flip=flip, mean=sources.mean, std=sources.std)
+
+
+def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
+    split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
+    labeled = split_labeled(sources.train.targets, cfg.data.num_labels, sources.num_classes, split_seed)
+    if cfg.data.batch_size > len(labeled):
+        raise ConfigError(
+            f"config key 'data.batch_size': got {cfg.data.batch_size}, expected at most the {len(labeled)} labeled images."
+        )
+    parts = []
+    if cfg.data.unlabeled_includes_labeled:
+        parts.append((sources.train, np.arange(len(sources.train), dtype=np.int64)))
+    else:
+        parts.append((sources.train, np.setdiff1d(np.arange(len(sources.train)), labeled)))
+    if sources.unlabeled is not None:
+        parts.append((sources.unlabeled, np.arange(len(sources.unlabeled), dtype=np.int64)))
+    unlabeled = ConcatSource([p for p in parts if len(p[1])])
+    if len(unlabeled) == 0:
+        raise ConfigError("there are no unlabeled images: set data.unlabeled_includes_labeled=true or give data.unlabeled_dir.")
+    settings = view_settings(cfg, sources)
+    weak = WeakView(**settings)
+    strong = StrongView(cfg.data.randaugment, **settings)
+    mean, std = sources.mean, sources.std
+
+    from ignite_fixmatch.augment import to_normalized_tensor
+
+    def eval_view(img):
+        return to_normalized_tensor(img, mean, std)
+
+    return FixMatchData(sources, labeled, unlabeled, weak, strong, eval_view, settings["flip"])
+
+
+def save_split(path: Path, indices: np.ndarray) -> None:
+    path.write_text("\n".join(str(int(i)) for i in indices) + "\n")
+
+
+def _collate_labeled(items):
+    xs, ys = zip(*items)
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+
+def _collate_unlabeled(items):
+    ws, ss, ys = zip(*items)
+    return torch.stack(ws), torch.stack(ss), torch.tensor(ys, dtype=torch.long)
+
+
+class FixMatchStream:
+    """The trainer's data: an endless sequence of dicts x, y, u_w, u_s, u_y.
+
+    ``iter()`` starts both streams at ``start_iteration()`` (the trainer's iteration, read when
+    Ignite starts the run, i.e. after a checkpoint was loaded): resume needs no sampler state.
+    """
+
+    def __init__(self, data: FixMatchData, cfg: Config, rank: int, world_size: int, start_iteration: Callable[[], int], pin_memory: bool = False) -> None:
+        self.data, self.cfg, self.rank, self.world_size = data, cfg, rank, world_size
+        self.start_iteration, self.pin_memory = start_iteration, pin_memory
+
+    def _loader(self, dataset: Dataset, n: int, global_batch: int, stream: int, collate, start: int) -> DataLoader:
+        sampler = InfiniteShardedBatchSampler(
+            n, global_batch, seed=self.cfg.seed, stream=stream, rank=self.rank, world_size=self.world_size, start_batch=start
+        )
+        workers = self.cfg.data.num_workers
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        d, cfg, start = self.data, self.cfg, self.start_iteration()
+        labeled_ds = AugmentedDataset(d.sources.train, d.labeled_indices, [d.weak], cfg.seed, LABELED)
+        unlabeled_ds = AugmentedDataset(d.unlabeled, np.arange(len(d.unlabeled)), [d.weak, d.strong], cfg.seed, UNLABELED)
+        b = cfg.data.batch_size
+        lx = iter(self._loader(labeled_ds, len(labeled_ds), b, LABELED, _collate_labeled, start))
+        ux = iter(self._loader(unlabeled_ds, len(unlabeled_ds), b * cfg.data.mu, UNLABELED, _collate_unlabeled, start))
+        while True:
+            x, y = next(lx)
+            u_w, u_s, u_y = next(ux)
+            yield {"x": x, "y": y, "u_w": u_w, "u_s": u_s, "u_y": u_y}
+
+
+def build_eval_loader(data: FixMatchData, cfg: Config, rank: int, world_size: int, pin_memory: bool = False) -> DataLoader:
+    ds = EvalDataset(data.sources.test, data.eval_view)
+    return DataLoader(
+        ds,
+        batch_size=cfg.data.eval_batch_size // world_size,
+        sampler=ShardedEvalSampler(len(ds), rank, world_size),
+        num_workers=min(cfg.data.num_workers, 2),
+        pin_memory=pin_memory,
+    )

@@ -1,0 +1,47 @@
+"""The evaluator: top-1, top-5 and loss of a model on the test loader, reduced over all processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccuracy
+from torch import nn
+
+from ignite_fixmatch.fixmatch import autocast_context
+
+
+def create_evaluator(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    num_classes: int,
+    amp: bool = False,
+    amp_dtype: str = "auto",
+    channels_last: bool = False,
+    per_class: bool = False,
+) -> Engine:
+    """An Engine over (images, labels) batches with metrics top1, top5, loss (and the confusion matrix).
+
+    Ignite's metrics all-reduce at ``compute()``, so each process evaluates only its shard.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    @torch.no_grad()
+    def step(engine: Engine, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        model.eval()
+        x, y = batch
+        x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        with autocast_context(device, amp, amp_dtype):
+            logits = model(x)
+        return logits.float(), y
+
+    evaluator = Engine(step)
+    Accuracy(device=device).attach(evaluator, "top1")
+    TopKCategoricalAccuracy(k=min(5, num_classes), device=device).attach(evaluator, "top5")
+    Loss(nn.CrossEntropyLoss(), device=device).attach(evaluator, "loss")
+    if per_class:
+        ConfusionMatrix(num_classes, device=device).attach(evaluator, "confusion")
+    return evaluator

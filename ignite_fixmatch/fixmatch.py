@@ -1,0 +1,206 @@
+"""FixMatch as small pure functions, and the Ignite Engine that runs one update per iteration.
+
+The maths follows ../shared/reference/FIXMATCH.md ("One training step"). The process function
+returns a flat dict of tensors; nothing is turned into a Python number here, so a GPU step never
+waits for the host (handlers convert what they log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine
+from torch import Tensor, nn
+
+
+def supervised_loss(logits_x: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of the labeled part, mean over the labeled batch."""
+    return F.cross_entropy(logits_x, targets, reduction="mean")
+
+
+def pseudo_labels(logits_weak: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(probabilities, hard pseudo-labels, mask) from the weak view; no gradient flows back.
+
+    The mask is 1.0 where the top probability is at or above ``threshold``.
+    """
+    probs = torch.softmax(logits_weak.detach().float(), dim=1)
+    confidence, labels = probs.max(dim=1)
+    mask = (confidence >= threshold).float()
+    return probs, labels, mask
+
+
+def consistency_loss(
+    logits_strong: Tensor,
+    logits_weak: Tensor,
+    threshold: float,
+    hard_label: bool = True,
+    T: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FixMatch's unlabeled loss: (loss_u, mask, pseudo-labels).
+
+    Hard: mean over *all* unlabeled samples of CE(strong, pseudo) * mask (masked-out ones count as 0).
+    Soft: mean of mask * sum_c -softmax(weak / T)_c * log_softmax(strong)_c.
+    """
+    _, labels, mask = pseudo_labels(logits_weak, threshold)
+    if hard_label:
+        per_sample = F.cross_entropy(logits_strong, labels, reduction="none")
+    else:
+        soft_targets = torch.softmax(logits_weak.detach().float() / T, dim=1)
+        per_sample = -(soft_targets * F.log_softmax(logits_strong.float(), dim=1)).sum(dim=1)
+    return (per_sample * mask).mean(), mask, labels
+
+
+def interleave(x: Tensor, size: int) -> Tensor:
+    """Mix the parts of ``cat([x, u_w, u_s])`` so every slice of the batch holds each part alike.
+
+    ``size`` is the number of equal groups (2 * mu + 1); the inverse is :func:`de_interleave`.
+    """
+    s = list(x.shape)
+    return x.reshape([-1, size] + s[1:]).transpose(0, 1).reshape([-1] + s[1:])
+
+
+def de_interleave(x: Tensor, size: int) -> Tensor:
+    s = list(x.shape)
+    return x.reshape([size, -1] + s[1:]).transpose(0, 1).reshape([-1] + s[1:])
+
+
+def masked_accuracy(pseudo: Tensor, true_labels: Tensor, mask: Tensor) -> Tensor:
+    """Accuracy of the pseudo-labels that passed the threshold; NaN where none did or labels are unknown."""
+    known = (true_labels >= 0).float() * mask
+    correct = ((pseudo == true_labels).float() * known).sum()
+    return correct / known.sum()  # 0/0 -> NaN on purpose: "no measurement", not "0 % right"
+
+
+def fixmatch_forward(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    u_weak: Tensor,
+    u_strong: Tensor,
+    *,
+    threshold: float,
+    lambda_u: float,
+    hard_label: bool,
+    T: float,
+    use_interleave: bool,
+) -> dict[str, Tensor]:
+    """One forward over cat([x, u_w, u_s]) (batch-norm sees the whole batch) and the FixMatch losses."""
+    batch = torch.cat([x, u_weak, u_strong])
+    b = x.shape[0]
+    groups = batch.shape[0] // b
+    if use_interleave:
+        logits = de_interleave(model(interleave(batch, groups)), groups)
+    else:
+        logits = model(batch)
+    logits = logits.float()
+    logits_x = logits[:b]
+    logits_w, logits_s = logits[b:].chunk(2)
+    loss_x = supervised_loss(logits_x, y)
+    if lambda_u > 0:
+        loss_u, mask, pseudo = consistency_loss(logits_s, logits_w, threshold, hard_label, T)
+    else:  # labels only: still report what the mask would be, but do not train on it
+        _, pseudo, mask = pseudo_labels(logits_w, threshold)
+        loss_u = torch.zeros((), device=logits.device)
+    loss = loss_x + lambda_u * loss_u
+    return {"loss": loss, "loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "mask": mask, "pseudo": pseudo}
+
+
+def autocast_context(device: torch.device, amp: bool, amp_dtype: str) -> contextlib.AbstractContextManager:
+    """torch.autocast for the run's device, or nothing when AMP is off."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=resolve_amp_dtype(device, amp_dtype))
+
+
+def resolve_amp_dtype(device: torch.device, amp_dtype: str) -> torch.dtype:
+    """auto: float16 on CUDA (with a GradScaler), bfloat16 elsewhere (needs no scaler)."""
+    if amp_dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}[amp_dtype]
+
+
+def create_trainer(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    threshold: float,
+    lambda_u: float,
+    hard_label: bool,
+    T: float,
+    use_interleave: bool = False,
+    amp: bool = False,
+    amp_dtype: str = "auto",
+    channels_last: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    batch_transform: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
+) -> Engine:
+    """An Engine whose iteration is one FixMatch update on a batch dict (x, y, u_w, u_s, u_y).
+
+    ``scaler`` is a GradScaler (float16 AMP); it is stored on ``trainer.state.scaler``-free closure so a
+    checkpoint can hold it. ``batch_transform`` runs on the device before the forward (e.g. batched
+    augmentation on the GPU).
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def to_device(t: Tensor) -> Tensor:
+        t = t.to(device, non_blocking=True)
+        return t.contiguous(memory_format=memory_format) if t.dim() == 4 else t
+
+    def update(engine: Engine, batch: Mapping[str, Tensor]) -> dict[str, Any]:
+        model.train()
+        batch = {k: to_device(v) for k, v in batch.items()}
+        if batch_transform is not None:
+            batch = batch_transform(batch)
+        with autocast_context(device, amp, amp_dtype):
+            out = fixmatch_forward(
+                model,
+                batch["x"],
+                batch["y"],
+                batch["u_w"],
+                batch["u_s"],
+                threshold=threshold,
+                lambda_u=lambda_u,
+                hard_label=hard_label,
+                T=T,
+                use_interleave=use_interleave,
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(out["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            out["loss"].backward()
+            optimizer.step()
+        mask = out["mask"]
+        return {
+            "loss": out["loss"].detach(),
+            "loss_x": out["loss_x"],
+            "loss_u": out["loss_u"],
+            "mask_rate": mask.mean(),
+            "pseudo_acc": masked_accuracy(out["pseudo"], batch["u_y"], mask),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+
+    return Engine(update)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, rule: str) -> list[dict[str, Any]]:
+    """Weight-decay groups: reference decays every parameter whose name has no "bn" (classifier
+    bias included); official decays only conv/linear weights (no biases, no batch-norm)."""
+    decay, no_decay = [], []
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            full = f"{module_name}.{name}" if module_name else name
+            if rule == "reference":
+                use_decay = "bn" not in full
+            else:
+                use_decay = name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear))
+            (decay if use_decay else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,80 @@
+"""Command line: ``python -m ignite_fixmatch.main CONFIG.yaml [key=value ...]``.
+
+Reads and checks the config, checks every handler, then hands ``training`` to
+``ignite.distributed.Parallel``, which runs it in this process (CPU or one GPU), spawns
+``dist.nproc_per_node`` processes, joins a multi-node job, or picks up what ``torchrun`` set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+
+import ignite.distributed as idist
+import torch
+
+from ignite_fixmatch.config import Config, ConfigError, load_config
+from ignite_fixmatch.datasets import DataError
+from ignite_fixmatch.plugins import build_handlers
+from ignite_fixmatch.resume import CheckpointError
+from ignite_fixmatch.training import OutputDirError, training
+
+EXIT_USER_ERROR = 2  # bad config, data, checkpoint or output folder: nothing was trained
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, OutputDirError)
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ)
+
+
+def parallel_kwargs(cfg: Config) -> dict:
+    """Arguments of idist.Parallel for this config (and for torchrun, what its environment says)."""
+    d = cfg.dist
+    backend = d.backend
+    if backend is None and launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kwargs: dict = {"backend": backend}
+    if backend is not None:
+        kwargs["timeout"] = timedelta(seconds=d.timeout_s)
+    if d.nproc_per_node is not None and not launched_by_torchrun():
+        if backend is None:
+            raise ConfigError(
+                f"config key 'dist.nproc_per_node': got {d.nproc_per_node}, which needs dist.backend ('nccl' on GPUs, 'gloo' on CPU)."
+            )
+        kwargs.update(nproc_per_node=d.nproc_per_node, nnodes=d.nnodes, node_rank=d.node_rank)
+        if d.master_addr is not None:
+            kwargs["master_addr"] = d.master_addr
+        if d.master_port is not None:
+            kwargs["master_port"] = d.master_port
+    return kwargs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ignite_fixmatch.main",
+        description="Train FixMatch. Any config value can be overridden: optim.lr=0.01 data.num_labels=250 output_dir=runs/x",
+    )
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value pairs, dotted keys, values read as YAML")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        build_handlers(cfg.handlers)  # fail in a second on a typo in the tenth handler
+        kwargs = parallel_kwargs(cfg)
+        with idist.Parallel(**kwargs) as parallel:
+            parallel.run(training, cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

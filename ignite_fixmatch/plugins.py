@@ -1,0 +1,136 @@
+"""The handler plugin contract: how a name in ``handlers:`` becomes an object attached to the run.
+
+A handler is any class (or function returning an object) that takes its YAML params as keyword
+arguments, validates them in ``__init__`` and has ``attach(ctx: Context) -> None``. Built-ins live in
+the top-level ``handlers`` package; a user's handler is named ``package.module:Name`` and imported
+from the working directory. Handlers that keep state implement ``state_dict``/``load_state_dict`` and
+put themselves in ``ctx.to_save``; the checkpoint then saves and restores them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+
+import torch
+from ignite.engine import Engine
+from torch import nn
+from torch.optim import Optimizer
+
+from ignite_fixmatch.config import Config, ConfigError, HandlerSpec
+
+BUILTINS: Mapping[str, str] = MappingProxyType(
+    {
+        "ema": "handlers.ema:EMA",
+        "cosine_lr": "handlers.cosine_lr:CosineLR",
+        "evaluation": "handlers.evaluation:Evaluation",
+        "checkpoint": "handlers.checkpoint:Checkpointing",
+        "tensorboard": "handlers.tensorboard:TensorBoard",
+        "clearml": "handlers.clearml:ClearML",
+        "progress": "handlers.progress:Progress",
+        "terminate_on_nan": "handlers.terminate_on_nan:StopOnNonFinite",
+        "timer": "handlers.timer:StepTimer",
+    }
+)
+
+
+@dataclass
+class Context:
+    """What a handler may use. Only ``to_save`` (and ``evaluators``/``metrics`` by their owners) are
+    written by handlers; everything else is read-only by convention."""
+
+    trainer: Engine
+    model: nn.Module
+    optimizer: Optimizer
+    config: Config
+    output_dir: Path
+    logger: logging.Logger
+    loaders: dict[str, Iterable] = field(default_factory=dict)
+    to_save: dict[str, Any] = field(default_factory=dict)
+    evaluators: dict[str, Engine] = field(default_factory=dict)
+    ema_model: nn.Module | None = None
+    # Filled by the evaluation handler: engine.state.metrics of the last evaluation of each model.
+    scaler: Any = None
+    device: Any = None
+    data: Any = None
+    rank: int = 0
+    world_size: int = 1
+
+
+@runtime_checkable
+class Handler(Protocol):
+    def attach(self, ctx: Context) -> None: ...
+
+
+def resolve(name: str) -> Any:
+    """A built-in name or ``module.path:Attribute`` -> the class or factory it names."""
+    target = BUILTINS.get(name, name)
+    if ":" not in target:
+        raise ConfigError(
+            f"unknown handler {name!r}. Built-in handlers: {', '.join(BUILTINS)}; "
+            "a handler of your own is named 'package.module:ClassName' (importable from the working directory)."
+        )
+    module_name, _, attr = target.partition(":")
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:  # user handlers are found relative to where the run was started
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"handler {name!r}: cannot import module {module_name!r} ({e}). Is it on PYTHONPATH or in the working directory?") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"handler {name!r}: module {module_name!r} has no attribute {attr!r}.") from None
+
+
+def build_handler(spec: HandlerSpec, index: int) -> Handler:
+    """Build one handler from its params; a bad param becomes a ConfigError naming the handler."""
+    factory = resolve(spec.name)
+    where = f"handlers[{index}] ({spec.name})"
+    try:
+        inspect.signature(factory).bind(**spec.params)
+    except TypeError as e:
+        accepted = ", ".join(p for p in inspect.signature(factory).parameters if p != "self")
+        raise ConfigError(f"{where}: {e}. Accepted params: {accepted or 'none'}.") from None
+    try:
+        handler = factory(**spec.params)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if not isinstance(handler, Handler):
+        raise ConfigError(f"{where}: {spec.name!r} built a {type(handler).__name__}, which has no attach(ctx) method.")
+    return handler
+
+
+def build_handlers(specs: Iterable[HandlerSpec]) -> list[Handler]:
+    """Every handler, built and validated before anything heavy starts."""
+    return [build_handler(spec, i) for i, spec in enumerate(specs)]
+
+
+def attach_all(handlers: Iterable[Handler], ctx: Context) -> None:
+    """Attach in list order (Ignite fires handlers of one event in registration order).
+
+    Handlers marked ``rank_zero_only`` (loggers, savers) attach on rank 0 alone."""
+    for h in handlers:
+        if getattr(h, "rank_zero_only", False) and ctx.rank != 0:
+            continue
+        h.attach(ctx)
+
+
+def step_scalars(engine: Engine) -> dict[str, float]:
+    """The step's output dict as floats, plus data and step time: called only where metrics are logged,
+    so a GPU step never waits for the host otherwise."""
+    out = engine.state.output
+    values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+    for name in ("data_time", "step_time"):
+        if hasattr(engine.state, name):
+            values[name] = getattr(engine.state, name)
+    return values
+
+

@@ -1,0 +1,154 @@
+"""What a checkpoint holds besides models and optimizer, where checkpoints live, and loading them safely.
+
+Checkpoints are written by the ``checkpoint`` handler as ``OUTPUT/checkpoints/checkpoint_<iteration>.pt``
+(and ``best_checkpoint_<iteration>_top1=<score>.pt``). Loading always uses ``torch.load(weights_only=True)``:
+a file that would need to run code to unpickle is refused.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from ignite.handlers import Checkpoint
+
+from ignite_fixmatch.config import Config, to_dict
+
+CHECKPOINT_DIR = "checkpoints"
+_ITERATION = re.compile(r"checkpoint_(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with what is wrong and what to do."""
+
+
+class RNGState:
+    """Every random generator of this process (python, numpy, torch CPU and CUDA), as a checkpointable object.
+
+    Stored in plain tensors and ints so that ``weights_only=True`` loading accepts it.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        py_version, py_state, py_gauss = random.getstate()
+        np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+        state = {
+            "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+            "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        py = state["python"]
+        random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+        npy = state["numpy"]
+        np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ConfigRecord:
+    """The resolved config, stored in every checkpoint so that evaluation and resume need no YAML file."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.loaded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return to_dict(self.cfg)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.loaded = dict(state)
+
+
+def checkpoint_iteration(path: Path) -> int:
+    m = _ITERATION.search(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Resumable checkpoints of a run, oldest first (regular ones after best ones of the same iteration)."""
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("*.pt") if checkpoint_iteration(p) >= 0]
+    return sorted(found, key=lambda p: (checkpoint_iteration(p), not p.name.startswith("best")))
+
+
+def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
+    """``resume: auto`` -> the newest checkpoint in the run's folder (None if there is none yet);
+    a path -> that file, which must exist."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"resume: checkpoint {str(path)!r} does not exist. Give an existing .pt file, or resume=auto.")
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint file safely (no code execution), with errors that say what is wrong."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was refused: it holds objects that only a full (unsafe) unpickling could "
+            f"rebuild, which could run arbitrary code. Only load files you trust. Details: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (truncated or not a checkpoint?): {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a checkpoint of this project (it holds a {type(obj).__name__}).")
+    return obj
+
+
+def _shape_mismatches(model: torch.nn.Module, state: Mapping[str, Any]) -> list[str]:
+    own = model.state_dict()
+    problems = []
+    for k in sorted(set(own) | set(state)):
+        if k not in state:
+            problems.append(f"{k}: missing in the checkpoint")
+        elif k not in own:
+            problems.append(f"{k}: not in this model")
+        elif hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape):
+            problems.append(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+    return problems
+
+
+def load_into(to_load: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """Restore every object of ``to_load`` from the checkpoint at ``path``; returns the raw checkpoint.
+
+    A model of another shape (other architecture, other number of classes) is refused with the list
+    of differences; objects the checkpoint lacks are named.
+    """
+    ckpt = read_checkpoint(path)
+    missing = [k for k in to_load if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} lacks {', '.join(missing)}: it was written by another configuration "
+            "(e.g. without the ema handler). Resume with the same handlers, or start a new run."
+        )
+    for key, obj in to_load.items():
+        module = getattr(obj, "module", obj)
+        if isinstance(module, torch.nn.Module):
+            problems = _shape_mismatches(module, ckpt[key])
+            if problems:
+                shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r} does not fit this model ({key}): {shown}. "
+                    "It was trained with another model or data set (number of classes); use the config it was saved with."
+                )
+    Checkpoint.load_objects(to_load, {k: ckpt[k] for k in to_load})
+    return ckpt

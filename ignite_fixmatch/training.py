@@ -1,0 +1,186 @@
+"""``training(local_rank, cfg)``: one process of a run, from config to a finished Ignite run.
+
+Order matters and is the same on every start, new or resumed: seed, output folder, data, model,
+optimizer, trainer, handlers (built and validated first), then the checkpoint is loaded into the one
+``to_save`` dict that the checkpoint handler also saves, and the trainer runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from ignite.utils import manual_seed, setup_logger
+
+from ignite_fixmatch.config import Config, check_divisible, dump_yaml
+from ignite_fixmatch.data import build_data, build_eval_loader, save_split, FixMatchStream
+from ignite_fixmatch.datasets import build_sources
+from ignite_fixmatch.fixmatch import create_trainer, parameter_groups, resolve_amp_dtype
+from ignite_fixmatch.models import build_model
+from ignite_fixmatch.plugins import Context, attach_all, build_handlers
+from ignite_fixmatch.resume import CHECKPOINT_DIR, ConfigRecord, RNGState, find_resume_checkpoint, load_into
+
+LOGGER_NAME = "ignite_fixmatch"
+
+
+class OutputDirError(RuntimeError):
+    """The output folder cannot be used as asked (exists, not writable)."""
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """Create the run's folder. A new run refuses a non-empty folder unless overwrite or resume is asked."""
+    out = Path(cfg.output_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output_dir {str(out)!r} exists and is a file. Choose another output_dir.")
+    if out.is_dir() and any(out.iterdir()) and cfg.resume is None:
+        if not cfg.overwrite:
+            raise OutputDirError(
+                f"output_dir {str(out)!r} already holds a run. To continue it: resume=auto; to replace it: "
+                "overwrite=true (its content is deleted); or choose another output_dir."
+            )
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    try:
+        (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputDirError(f"output_dir {str(out)!r} cannot be created: {e}. Choose a writable output_dir.") from None
+    return out
+
+
+def shared_output_dir(cfg: Config) -> Path:
+    """Rank 0 decides (and creates) the folder; every rank gets the same path or the same error."""
+    result: Any = None
+    if idist.get_rank() == 0:
+        try:
+            result = str(prepare_output_dir(cfg))
+        except OutputDirError as e:
+            result = "ERROR:" + str(e)
+    if idist.get_world_size() > 1:
+        result = idist.broadcast(result, src=0, safe_mode=True)
+    if result.startswith("ERROR:"):
+        raise OutputDirError(result[len("ERROR:") :])
+    return Path(result)
+
+
+def attach_step_timer(trainer: Engine) -> None:
+    """Seconds spent waiting for data and in the update, on ``trainer.state.data_time/step_time``."""
+    marks: dict[str, float] = {}
+
+    @trainer.on(Events.GET_BATCH_STARTED)
+    def _batch_started(_: Engine) -> None:
+        marks["batch"] = time.perf_counter()
+
+    @trainer.on(Events.GET_BATCH_COMPLETED)
+    def _batch_completed(engine: Engine) -> None:
+        marks["step"] = time.perf_counter()
+        engine.state.data_time = marks["step"] - marks["batch"]
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _step_completed(engine: Engine) -> None:
+        engine.state.step_time = time.perf_counter() - marks.get("step", time.perf_counter())
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = parameter_groups(model, o.weight_decay, o.wd_rule)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+
+
+def training(local_rank: int, cfg: Config) -> dict[str, Any]:
+    """Run (or resume) one process of a FixMatch run. Returns the final results dict on rank 0."""
+    rank, world_size = idist.get_rank(), idist.get_world_size()
+    check_divisible(cfg, world_size)
+    logger = setup_logger(LOGGER_NAME, level=logging.INFO, distributed_rank=rank, reset=True)
+    handlers = build_handlers(cfg.handlers)  # a bad handler param fails here, before data or model
+    output_dir = shared_output_dir(cfg)
+    device = idist.device()
+    if rank == 0:
+        log_file = logging.FileHandler(output_dir / "train.log", encoding="utf-8")
+        log_file.setFormatter(logger.handlers[0].formatter)
+        logger.addHandler(log_file)
+        text = dump_yaml(cfg)
+        (output_dir / "config.yaml").write_text(text)
+        logger.info("Run folder: %s\nResolved config:\n%s", output_dir, text)
+        logger.info("Device: %s, processes: %d", device, world_size)
+
+    manual_seed(cfg.seed)
+    with idist.one_rank_first(local=True):  # download once per node, the others wait
+        sources = build_sources(
+            cfg.data.name,
+            cfg.data.root,
+            download=cfg.data.download,
+            image_size=cfg.data.image_size,
+            channels=cfg.data.channels,
+            unlabeled_dir=cfg.data.unlabeled_dir,
+            skip_corrupt=cfg.data.skip_corrupt,
+        )
+    data = build_data(cfg, sources)
+    if rank == 0:
+        save_split(output_dir / "labeled_indices.txt", data.labeled_indices)
+        logger.info(
+            "Data %s: %d labeled of %d training images, %d unlabeled, %d test, %d classes",
+            cfg.data.name, len(data.labeled_indices), len(sources.train), len(data.unlabeled), len(sources.test), sources.num_classes,
+        )
+
+    m = cfg.model
+    model = build_model(
+        m.name, sources.num_classes, in_channels=sources.channels, depth=m.depth, widen_factor=m.widen_factor,
+        dropout=m.dropout, leaky_slope=m.leaky_slope, bn_momentum=m.bn_momentum, shortcut_variant=m.shortcut_variant,
+    )
+    if m.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = idist.auto_model(model, sync_bn=m.sync_bn)
+    optimizer = idist.auto_optim(build_optimizer(model, cfg))
+    scaler = None
+    if cfg.amp and resolve_amp_dtype(device, cfg.amp_dtype) == torch.float16:
+        scaler = torch.amp.GradScaler(device.type)
+
+    trainer = create_trainer(
+        model, optimizer, device,
+        threshold=cfg.fixmatch.threshold, lambda_u=cfg.fixmatch.lambda_u, hard_label=cfg.fixmatch.hard_label,
+        T=cfg.fixmatch.T, use_interleave=cfg.fixmatch.interleave, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
+        channels_last=m.channels_last, scaler=scaler,
+    )
+    trainer.logger = setup_logger("trainer", level=logging.WARNING, distributed_rank=rank)
+    attach_step_timer(trainer)
+    pin = device.type == "cuda"
+    stream = FixMatchStream(data, cfg, rank, world_size, start_iteration=lambda: trainer.state.iteration, pin_memory=pin)
+    eval_loader = build_eval_loader(data, cfg, rank, world_size, pin_memory=pin)
+
+    to_save: dict[str, Any] = {
+        "trainer": trainer,
+        "model": getattr(model, "module", model),
+        "optimizer": optimizer,
+        "rng": RNGState(),
+        "config": ConfigRecord(cfg),
+    }
+    if scaler is not None:
+        to_save["scaler"] = scaler
+    ctx = Context(
+        trainer=trainer, model=model, optimizer=optimizer, config=cfg, output_dir=output_dir, logger=logger,
+        loaders={"train": stream, "test": eval_loader}, to_save=to_save, scaler=scaler, device=device,
+        data=data, rank=rank, world_size=world_size,
+    )
+    attach_all(handlers, ctx)
+
+    checkpoint = find_resume_checkpoint(cfg.resume, output_dir)
+    if checkpoint is not None:
+        load_into(to_save, checkpoint)
+        logger.info("Resumed from %s at iteration %d", checkpoint, trainer.state.iteration)
+    elif cfg.resume == "auto":
+        logger.info("resume=auto: no checkpoint in %s yet, starting a new run", output_dir / CHECKPOINT_DIR)
+
+    trainer.run(stream, max_iters=cfg.train.num_iters, epoch_length=cfg.train.epoch_length)
+
+    results_path = output_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if rank == 0 and results:
+        logger.info("Finished: top-1 %.2f %%, top-5 %.2f %% (%s)", results["top1"], results["top5"], results_path)
+    return results
