@@ -39,8 +39,6 @@ SampledOps = list[tuple[str, Magnitude]]
 
 # Ops that take no magnitude: sample_ops reports None for them.
 NO_MAGNITUDE_OPS = frozenset({"AutoContrast", "Equalize", "Identity"})
-# Official ops whose magnitude gets a random sign.
-SIGNED_OPS_OFFICIAL = frozenset({"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"})
 
 
 # ---------------------------------------------------------------- checks
@@ -156,7 +154,7 @@ def sharpness(img: Image.Image, v: Magnitude, fill: Fill) -> Image.Image:
 
 def posterize(img: Image.Image, v: Magnitude, fill: Fill) -> Image.Image:
     """Keep int(v) high bits per channel (at least 1), as the reference truncates its float draw."""
-    return ImageOps.posterize(img, max(1, min(8, round(v))))
+    return ImageOps.posterize(img, max(1, min(8, int(v))))
 
 
 def solarize(img: Image.Image, v: Magnitude, fill: Fill) -> Image.Image:

@@ -50,6 +50,9 @@ class DataConfig:
     # Keep the labeled images in the unlabeled stream too (reference behaviour).
     unlabeled_includes_labeled: bool = True
     batch_size: int = 64  # labeled images per step, over all processes
+    # Let a labeled batch be larger than the labeled set (CIFAR-10 with 40 labels and batch 64, as in
+    # the paper): a batch then spans several passes over the labeled images and repeats some.
+    allow_labeled_repeats: bool = False
     mu: int = 7  # unlabeled images per labeled image
     eval_batch_size: int = 1024  # over all processes
     num_workers: int = 4  # data-loading processes per training process
@@ -271,12 +274,13 @@ def validate(cfg: Config) -> Config:
             d.num_labels,
             f"a multiple of the {n_cls} classes of {d.name} (the split is balanced per class)",
         )
-    if d.num_labels > 0:
+    if d.num_labels > 0 and not d.allow_labeled_repeats:
         _require(
             d.batch_size <= d.num_labels,
             "data.batch_size",
             d.batch_size,
-            f"at most data.num_labels={d.num_labels} (a labeled batch cannot exceed the labeled set)",
+            f"at most data.num_labels={d.num_labels} (a labeled batch cannot exceed the labeled set; "
+            "set data.allow_labeled_repeats=true to repeat labeled images within a batch, as the paper does with 40 labels)",
         )
     _require(d.image_size is None or 4 <= d.image_size <= 4096, "data.image_size", d.image_size, "null or 4..4096")
     _require(d.channels in (None, 1, 3), "data.channels", d.channels, "null, 1 or 3")

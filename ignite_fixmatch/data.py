@@ -182,9 +182,10 @@ def view_settings(cfg: Config, sources: DataSources) -> dict[str, Any]:
 def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
     split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
     labeled = split_labeled(sources.train.targets, cfg.data.num_labels, sources.num_classes, split_seed)
-    if cfg.data.batch_size > len(labeled):
+    if cfg.data.batch_size > len(labeled) and not cfg.data.allow_labeled_repeats:
         raise ConfigError(
-            f"config key 'data.batch_size': got {cfg.data.batch_size}, expected at most the {len(labeled)} labeled images."
+            f"config key 'data.batch_size': got {cfg.data.batch_size}, expected at most the {len(labeled)} labeled images "
+            "(or set data.allow_labeled_repeats=true)."
         )
     parts = []
     if cfg.data.unlabeled_includes_labeled:

@@ -245,6 +245,7 @@ def filled_box(out: np.ndarray, fill) -> tuple[np.ndarray, tuple[int, int, int, 
 def test_cutout_fills_a_clipped_square_with_the_fill_colour():
     img = Image.new("RGB", (32, 24))
     fill, side, interior, clipped = (200, 100, 50), 10, 0, 0
+    edge_widths = []
     for seed in range(100):
         out = arr(A.cutout(img, side, random.Random(seed), fill))
         mask, box = filled_box(out, fill)
@@ -257,7 +258,11 @@ def test_cutout_fills_a_clipped_square_with_the_fill_colour():
             interior += 1
         else:
             clipped += 1
+        if x0 == 0 or x1 == 32:
+            edge_widths.append((x0 == 0, x1 - x0))
     assert interior > 10 and clipped > 10
+    for left in (True, False):  # a square over either edge is cut off, not shifted inside
+        assert min(width for at_left, width in edge_widths if at_left == left) < side
     assert (arr(img) == 0).all()  # input untouched
 
 
