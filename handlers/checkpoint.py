@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
 from ignite_fixmatch.plugins import Context
-from ignite_fixmatch.resume import CHECKPOINT_DIR, checkpoint_iteration, list_checkpoints
+from ignite_fixmatch.resume import CHECKPOINT_DIR, CheckpointWriteError, checkpoint_iteration, list_checkpoints
+
+
+def best_score(path: Path) -> float:
+    """The top-1 in a best checkpoint's name: best_checkpoint_<iteration>_top1=<score>.pt."""
+    return float(path.stem.rsplit("=", 1)[-1])
 
 
 class Checkpointing:
@@ -17,7 +21,8 @@ class Checkpointing:
     optimizer, scheduler, scaler, RNG states, handler states, config) with Ignite's Checkpoint.
 
     - Atomic: DiskSaver writes a temporary file and renames it, so a crash mid-write never breaks
-      the latest checkpoint.
+      a checkpoint. Old checkpoints are deleted only after the new one is complete (Ignite's own
+      rotation deletes first, which with ``keep: 1`` could leave none after a crash).
     - Saved after every other handler of the iteration (registered when the run starts), so the
       state on disk is the complete state after that iteration.
     - The data position needs no saving: the streams restart at the trainer's iteration.
@@ -30,59 +35,81 @@ class Checkpointing:
             raise ValueError(f"keep must be >= 1 (checkpoints kept), got {keep!r}")
         if keep_best < 0:
             raise ValueError(f"keep_best must be >= 0 (0: no best checkpoint), got {keep_best!r}")
+        if best_model not in ("ema", "raw"):
+            raise ValueError(f"best_model must be 'ema' or 'raw', got {best_model!r}")
         self.every, self.keep, self.keep_best, self.best_model = every, keep, keep_best, best_model
         self._registered = False
         self._best_checked_at = -1
 
     def attach(self, ctx: Context) -> None:
-        self.folder = Path(ctx.output_dir) / CHECKPOINT_DIR
-        if ctx.rank == 0:
+        self.run_dir = Path(ctx.output_dir)
+        self.folder = self.run_dir / CHECKPOINT_DIR
+        self.is_writer = ctx.rank == 0
+        if self.is_writer:
             for stale in self.folder.glob("tmp*"):  # left by a crash inside an atomic write
                 stale.unlink()
         saver = DiskSaver(str(self.folder), atomic=True, require_empty=False, create_dir=True)
         step = lambda engine, _: ctx.trainer.state.iteration  # noqa: E731  name files by iteration
-        self.last = Checkpoint(ctx.to_save, saver, n_saved=self.keep, global_step_transform=step)
-        self.last.load_state_dict({"_saved": [(checkpoint_iteration(p), p.name) for p in self._existing(best=False)]})
-        self.best: Checkpoint | None = None
-        if self.keep_best:
-            self.best = Checkpoint(
-                ctx.to_save, saver, filename_prefix="best", n_saved=self.keep_best, global_step_transform=step,
-                score_function=self._score, score_name="top1",
-            )
-            self.best.load_state_dict({"_saved": [(self._file_score(p), p.name) for p in self._existing(best=True)]})
+        self.last = Checkpoint(ctx.to_save, saver, n_saved=None, global_step_transform=step)
+        self.best = Checkpoint(
+            ctx.to_save, saver, filename_prefix="best", n_saved=None, global_step_transform=step,
+            score_function=self._score, score_name="top1",
+        )
         self.evaluators = ctx.evaluators
         ctx.trainer.add_event_handler(Events.STARTED, self._register)
 
-    def _existing(self, best: bool) -> list[Path]:
-        return [p for p in list_checkpoints(self.folder.parent) if p.name.startswith("best") == best]
-
-    @staticmethod
-    def _file_score(path: Path) -> float:
-        return float(path.stem.rsplit("=", 1)[-1])
+    def _files(self, best: bool) -> list[Path]:
+        return [p for p in list_checkpoints(self.run_dir) if p.name.startswith("best") == best]
 
     def _score(self, engine: Engine) -> float:
-        evaluator = self.evaluators.get(self.best_model)
-        if evaluator is None or not evaluator.state.metrics:
-            return float("-inf")
-        return float(evaluator.state.metrics["top1"])
+        return float(self.evaluators[self.best_model].state.metrics["top1"])
 
     def _register(self, trainer: Engine) -> None:
         if self._registered:
             return
         self._registered = True
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.last)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.save_last)
         trainer.add_event_handler(Events.COMPLETED, self.save_final)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED | Events.COMPLETED, self.save_best)
+        if self.keep_best:
+            if self.best_model not in self.evaluators:
+                raise ValueError(f"checkpoint: best_model={self.best_model!r} but the evaluation handler does not evaluate it")
+            trainer.add_event_handler(Events.ITERATION_COMPLETED | Events.COMPLETED, self.save_best)
+
+    def save_last(self, trainer: Engine) -> None:
+        self._write(self.last, trainer)
+        self._prune(self._files(best=False), keep=self.keep, key=checkpoint_iteration)
 
     def save_final(self, trainer: Engine) -> None:
         if trainer.state.iteration % self.every:  # not already saved at this iteration
-            self.last(trainer)
+            self.save_last(trainer)
 
     def save_best(self, trainer: Engine) -> None:
         """After an evaluation at this iteration: keep the checkpoint if its top-1 is among the best."""
         iteration = trainer.state.iteration
-        if self.best is None or getattr(trainer.state, "evaluated_iteration", None) != iteration:
+        if getattr(trainer.state, "evaluated_iteration", None) != iteration or iteration == self._best_checked_at:
             return
-        if iteration != self._best_checked_at:  # ITERATION_COMPLETED and COMPLETED of the last iteration
-            self._best_checked_at = iteration
-            self.best(trainer)
+        self._best_checked_at = iteration  # ITERATION_COMPLETED and COMPLETED of the last iteration
+        existing = self._files(best=True)
+        score = self._score(trainer)
+        if len(existing) >= self.keep_best and score <= min(best_score(p) for p in existing):
+            return
+        self._write(self.best, trainer)
+        self._prune(self._files(best=True), keep=self.keep_best, key=lambda p: (best_score(p), checkpoint_iteration(p)))
+
+    def _prune(self, files: list[Path], keep: int, key) -> None:
+        if self.is_writer:
+            for old in sorted(files, key=key)[:-keep]:
+                old.unlink(missing_ok=True)
+
+    def _write(self, checkpoint: Checkpoint, trainer: Engine) -> None:
+        """A failed write (disk full, folder gone) stops the run with the previous checkpoints intact:
+        the atomic saver removed its temporary file and nothing older was deleted yet."""
+        try:
+            checkpoint(trainer)
+        except OSError as e:
+            found = self._files(best=False)
+            last = str(found[-1]) if found else "none"
+            raise CheckpointWriteError(
+                f"could not write the checkpoint of iteration {trainer.state.iteration} to {self.folder}: {e}. "
+                f"The last complete checkpoint is {last}. Free disk space (or fix the folder's permissions), then resume=auto."
+            ) from e

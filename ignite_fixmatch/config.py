@@ -264,7 +264,7 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 def validate(cfg: Config) -> Config:
     """Check the values a type cannot express. Returns cfg for chaining."""
     d, m, fm, o, t, dist = cfg.data, cfg.model, cfg.fixmatch, cfg.optim, cfg.train, cfg.dist
-    _require(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+    _require(0 <= cfg.seed < 2**32, "seed", cfg.seed, "an integer in [0, 2^32)")
     _require(d.num_labels == -1 or d.num_labels > 0, "data.num_labels", d.num_labels, "a positive integer or -1 (all)")
     n_cls = KNOWN_NUM_CLASSES.get(d.name)
     if n_cls and d.num_labels > 0:
@@ -284,14 +284,14 @@ def validate(cfg: Config) -> Config:
         )
     _require(d.image_size is None or 4 <= d.image_size <= 4096, "data.image_size", d.image_size, "null or 4..4096")
     _require(d.channels in (None, 1, 3), "data.channels", d.channels, "null, 1 or 3")
-    _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
-    _require(d.mu >= 1, "data.mu", d.mu, "an integer >= 1")
-    _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
-    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    _require(1 <= d.batch_size <= 2**20, "data.batch_size", d.batch_size, "an integer in [1, 2^20]")
+    _require(1 <= d.mu <= 1024, "data.mu", d.mu, "an integer in [1, 1024]")
+    _require(1 <= d.eval_batch_size <= 2**20, "data.eval_batch_size", d.eval_batch_size, "an integer in [1, 2^20]")
+    _require(0 <= d.num_workers <= 256, "data.num_workers", d.num_workers, "an integer in [0, 256]")
     _require(d.unlabeled_dir is None or d.name == "folder", "data.unlabeled_dir", d.unlabeled_dir, "null unless data.name is 'folder'")
-    _require(d.split_seed is None or d.split_seed >= 0, "data.split_seed", d.split_seed, "null or an integer >= 0")
-    _require(m.depth >= 10 and (m.depth - 4) % 6 == 0, "model.depth", m.depth, "6n+4 with n >= 1 (10, 16, 22, 28, ...)")
-    _require(m.widen_factor >= 1, "model.widen_factor", m.widen_factor, "an integer >= 1")
+    _require(d.split_seed is None or 0 <= d.split_seed < 2**32, "data.split_seed", d.split_seed, "null or an integer in [0, 2^32)")
+    _require(10 <= m.depth <= 1000 and (m.depth - 4) % 6 == 0, "model.depth", m.depth, "6n+4 with n >= 1 (10, 16, 22, 28, ...), at most 1000")
+    _require(1 <= m.widen_factor <= 64, "model.widen_factor", m.widen_factor, "an integer in [1, 64]")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a number in [0, 1)")
     _require(0.0 <= m.leaky_slope < 1.0, "model.leaky_slope", m.leaky_slope, "a number in [0, 1)")
     _require(0.0 < m.bn_momentum <= 1.0, "model.bn_momentum", m.bn_momentum, "a number in (0, 1]")
@@ -302,13 +302,13 @@ def validate(cfg: Config) -> Config:
     _require(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "a number in [0, 1)")
     _require(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "false when optim.momentum is 0")
     _require(o.weight_decay >= 0.0, "optim.weight_decay", o.weight_decay, "a number >= 0")
-    _require(t.num_iters >= 1, "train.num_iters", t.num_iters, "an integer >= 1")
-    _require(t.epoch_length >= 1, "train.epoch_length", t.epoch_length, "an integer >= 1")
-    _require(dist.nproc_per_node is None or dist.nproc_per_node >= 1, "dist.nproc_per_node", dist.nproc_per_node, "null or an integer >= 1")
-    _require(dist.nnodes >= 1, "dist.nnodes", dist.nnodes, "an integer >= 1")
+    _require(1 <= t.num_iters <= 2**40, "train.num_iters", t.num_iters, "an integer in [1, 2^40]")
+    _require(1 <= t.epoch_length <= 2**40, "train.epoch_length", t.epoch_length, "an integer in [1, 2^40]")
+    _require(dist.nproc_per_node is None or 1 <= dist.nproc_per_node <= 1024, "dist.nproc_per_node", dist.nproc_per_node, "null or an integer in [1, 1024]")
+    _require(1 <= dist.nnodes <= 65536, "dist.nnodes", dist.nnodes, "an integer in [1, 65536]")
     _require(0 <= dist.node_rank < dist.nnodes, "dist.node_rank", dist.node_rank, f"0..{dist.nnodes - 1} (dist.nnodes - 1)")
     _require(dist.master_port is None or 1 <= dist.master_port <= 65535, "dist.master_port", dist.master_port, "1..65535")
-    _require(dist.timeout_s >= 1, "dist.timeout_s", dist.timeout_s, "an integer >= 1 (seconds)")
+    _require(1 <= dist.timeout_s <= 7 * 24 * 3600, "dist.timeout_s", dist.timeout_s, "an integer in [1, 604800] (seconds)")
     if dist.nproc_per_node is not None:
         world = dist.nproc_per_node * dist.nnodes
         check_divisible(cfg, world)
@@ -346,7 +346,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"command-line override {text!r}: the value is not valid YAML ({e}).") from None
+        raise ConfigError(f"command-line override {text!r}: the value is not valid YAML ({' '.join(str(e).split())}).") from None
     return parts, value
 
 
@@ -387,7 +387,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".strip()) from None
+            detail = " ".join(str(e).split())  # one paragraph
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {detail}") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):

@@ -12,6 +12,7 @@ Randomness that survives resume and any number of workers or processes:
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ignite_fixmatch.augment import StrongView, WeakView
+from ignite_fixmatch.augment import StrongView, WeakView, to_normalized_tensor
 from ignite_fixmatch.config import Config, ConfigError
-from ignite_fixmatch.datasets import DataSources, ImageSource
+from ignite_fixmatch.datasets import DataSources, ImageSource, build_sources
 
 LABELED, UNLABELED, EVAL = 0, 1, 2  # stream ids: part of every seed so the streams are independent
 PAD_FRACTION = 0.125  # 4 px of 32 (CIFAR), 12 px of 96 (STL-10)
@@ -200,14 +201,22 @@ def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
     settings = view_settings(cfg, sources)
     weak = WeakView(**settings)
     strong = StrongView(cfg.data.randaugment, **settings)
-    mean, std = sources.mean, sources.std
+    return FixMatchData(sources, labeled, unlabeled, weak, strong, eval_view_for(sources), settings["flip"])
 
-    from ignite_fixmatch.augment import to_normalized_tensor
 
-    def eval_view(img):
-        return to_normalized_tensor(img, mean, std)
+def eval_view_for(sources: DataSources) -> Callable:
+    """The test-time transform (tensor + the data set's normalisation, nothing random); shared with
+    ``ignite_fixmatch.eval`` so a saved model is scored exactly as during training."""
+    return functools.partial(to_normalized_tensor, mean=sources.mean, std=sources.std)
 
-    return FixMatchData(sources, labeled, unlabeled, weak, strong, eval_view, settings["flip"])
+
+def sources_from_config(cfg: Config, *, with_unlabeled: bool = True) -> DataSources:
+    """The raw images a config names; ``with_unlabeled=False`` skips ``data.unlabeled_dir`` (evaluation)."""
+    d = cfg.data
+    return build_sources(
+        d.name, d.root, download=d.download, image_size=d.image_size, channels=d.channels,
+        unlabeled_dir=d.unlabeled_dir if with_unlabeled else None, skip_corrupt=d.skip_corrupt,
+    )
 
 
 def save_split(path: Path, indices: np.ndarray) -> None:

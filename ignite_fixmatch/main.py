@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import ignite.distributed as idist
 import torch
+from torch.multiprocessing import ProcessExitedException
 
 from ignite_fixmatch.config import Config, ConfigError, load_config
 from ignite_fixmatch.datasets import DataError
@@ -36,6 +37,8 @@ def parallel_kwargs(cfg: Config) -> dict:
     backend = d.backend
     if backend is None and launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        check_nccl(d.nproc_per_node if not launched_by_torchrun() else None)
     kwargs: dict = {"backend": backend}
     if backend is not None:
         kwargs["timeout"] = timedelta(seconds=d.timeout_s)
@@ -50,6 +53,28 @@ def parallel_kwargs(cfg: Config) -> dict:
         if d.master_port is not None:
             kwargs["master_port"] = d.master_port
     return kwargs
+
+
+def check_nccl(nproc_per_node: int | None) -> None:
+    """nccl runs one process per GPU: refuse it here, in one line, rather than in every spawned process."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        raise ConfigError("config key 'dist.backend': got 'nccl', which needs CUDA GPUs and none is visible. Use dist.backend=gloo on CPU.")
+    if nproc_per_node is not None and nproc_per_node > gpus:
+        raise ConfigError(
+            f"config key 'dist.nproc_per_node': got {nproc_per_node}, but only {gpus} GPU(s) are visible on this node "
+            "(nccl runs one process per GPU). Lower dist.nproc_per_node, or check CUDA_VISIBLE_DEVICES."
+        )
+
+
+def spawned_training(local_rank: int, cfg: Config) -> None:
+    """What each process spawned by Ignite runs. A user error (bad data, output folder, ...) is printed as
+    one line and ends this process with EXIT_USER_ERROR; the launcher then stops the other processes."""
+    try:
+        training(local_rank, cfg)
+    except USER_ERRORS as e:
+        print(f"error (process {idist.get_rank()} of {idist.get_world_size()}): {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,9 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         build_handlers(cfg.handlers)  # fail in a second on a typo in the tenth handler
         kwargs = parallel_kwargs(cfg)
         with idist.Parallel(**kwargs) as parallel:
-            parallel.run(training, cfg)
+            parallel.run(spawned_training if "nproc_per_node" in kwargs else training, cfg)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ProcessExitedException as e:  # a spawned process stopped on a user error, already printed
+        if e.exit_code != EXIT_USER_ERROR:
+            raise
         return EXIT_USER_ERROR
     return 0
 

@@ -28,6 +28,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with what is wrong and what to do."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, unwritable folder); the previous one is intact."""
+
+
 class RNGState:
     """Every random generator of this process (python, numpy, torch CPU and CUDA), as a checkpointable object.
 
@@ -98,6 +102,16 @@ def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
+def _refusal_detail(error: Exception) -> str:
+    """The part of torch's long refusal that names the offending object, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    for line in text.splitlines():
+        if "Unsupported global" in line:
+            return line.strip().split(" was not an allowed global")[0]
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint file safely (no code execution), with errors that say what is wrong."""
     try:
@@ -105,10 +119,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"checkpoint {str(path)!r} was refused: it holds objects that only a full (unsafe) unpickling could "
-            f"rebuild, which could run arbitrary code. Only load files you trust. Details: {str(e).splitlines()[0]}"
+            f"rebuild, which could run arbitrary code. Only load files you trust. Details: {_refusal_detail(e)}"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (truncated or not a checkpoint?): {e}") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read (truncated or not a checkpoint?): {str(e) or type(e).__name__}"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} is not a checkpoint of this project (it holds a {type(obj).__name__}).")
     return obj

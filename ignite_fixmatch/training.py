@@ -19,9 +19,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.utils import manual_seed, setup_logger
 
-from ignite_fixmatch.config import Config, check_divisible, dump_yaml
-from ignite_fixmatch.data import build_data, build_eval_loader, save_split, FixMatchStream
-from ignite_fixmatch.datasets import build_sources
+from ignite_fixmatch.config import Config, ConfigError, check_divisible, dump_yaml
+from ignite_fixmatch.data import build_data, build_eval_loader, save_split, sources_from_config, FixMatchStream
 from ignite_fixmatch.fixmatch import create_trainer, parameter_groups, resolve_amp_dtype
 from ignite_fixmatch.models import build_model
 from ignite_fixmatch.plugins import Context, attach_all, build_handlers
@@ -87,16 +86,59 @@ def attach_step_timer(trainer: Engine) -> None:
         engine.state.step_time = time.perf_counter() - marks.get("step", time.perf_counter())
 
 
+def attach_buffer_sync(trainer: Engine, model: torch.nn.Module) -> None:
+    """After every step, give every rank rank 0's buffers (batch-norm statistics).
+
+    DDP copies them from rank 0 only at the start of a forward, so after a step each rank holds the
+    statistics of its own shard. The EMA copy shares (or averages) these buffers, and each rank evaluates
+    its test shard with them: without this sync the ranks would score slightly different models, none of
+    them exactly the one rank 0 checkpoints. Registered before the handlers, so they all see synced buffers.
+    """
+    buffers = [b for b in getattr(model, "module", model).buffers() if b.is_floating_point()]
+    if idist.get_world_size() == 1 or not buffers:
+        return
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _sync(_: Engine) -> None:
+        flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+        torch.distributed.broadcast(flat, src=0)  # one collective for all of them
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     o = cfg.optim
     groups = parameter_groups(model, o.weight_decay, o.wd_rule)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
 
 
+def check_sync_bn(cfg: Config, world_size: int, device: torch.device) -> None:
+    """torch's SyncBatchNorm runs on GPUs only: refuse it at start, not at the first forward of a CPU job."""
+    if cfg.model.sync_bn and world_size > 1 and device.type != "cuda":
+        raise ConfigError(
+            f"config key 'model.sync_bn': got true, but this run is on {device.type} and torch's SyncBatchNorm needs "
+            "CUDA GPUs. Set model.sync_bn=false (each process then normalises its own share of the batch)."
+        )
+
+
+def model_from_config(cfg: Config, num_classes: int, in_channels: int) -> torch.nn.Module:
+    """The run's network, before any DDP wrapping; shared with ``ignite_fixmatch.eval`` so a checkpoint
+    is loaded into exactly the model that wrote it."""
+    m = cfg.model
+    model = build_model(
+        m.name, num_classes, in_channels=in_channels, depth=m.depth, widen_factor=m.widen_factor,
+        dropout=m.dropout, leaky_slope=m.leaky_slope, bn_momentum=m.bn_momentum, shortcut_variant=m.shortcut_variant,
+    )
+    return model.to(memory_format=torch.channels_last) if m.channels_last else model
+
+
 def training(local_rank: int, cfg: Config) -> dict[str, Any]:
     """Run (or resume) one process of a FixMatch run. Returns the final results dict on rank 0."""
     rank, world_size = idist.get_rank(), idist.get_world_size()
     check_divisible(cfg, world_size)
+    check_sync_bn(cfg, world_size, idist.device())
     logger = setup_logger(LOGGER_NAME, level=logging.INFO, distributed_rank=rank, reset=True)
     handlers = build_handlers(cfg.handlers)  # a bad handler param fails here, before data or model
     output_dir = shared_output_dir(cfg)
@@ -110,17 +152,11 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         logger.info("Run folder: %s\nResolved config:\n%s", output_dir, text)
         logger.info("Device: %s, processes: %d", device, world_size)
 
+    # The same seed on every rank: identical initial weights, and the RNG state that rank 0 checkpoints is
+    # right for every rank on resume. Data randomness differs per rank anyway (seeded by stream position).
     manual_seed(cfg.seed)
     with idist.one_rank_first(local=True):  # download once per node, the others wait
-        sources = build_sources(
-            cfg.data.name,
-            cfg.data.root,
-            download=cfg.data.download,
-            image_size=cfg.data.image_size,
-            channels=cfg.data.channels,
-            unlabeled_dir=cfg.data.unlabeled_dir,
-            skip_corrupt=cfg.data.skip_corrupt,
-        )
+        sources = sources_from_config(cfg)
     data = build_data(cfg, sources)
     if rank == 0:
         save_split(output_dir / "labeled_indices.txt", data.labeled_indices)
@@ -130,13 +166,7 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         )
 
     m = cfg.model
-    model = build_model(
-        m.name, sources.num_classes, in_channels=sources.channels, depth=m.depth, widen_factor=m.widen_factor,
-        dropout=m.dropout, leaky_slope=m.leaky_slope, bn_momentum=m.bn_momentum, shortcut_variant=m.shortcut_variant,
-    )
-    if m.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = idist.auto_model(model, sync_bn=m.sync_bn)
+    model = idist.auto_model(model_from_config(cfg, sources.num_classes, sources.channels), sync_bn=m.sync_bn)
     optimizer = idist.auto_optim(build_optimizer(model, cfg))
     scaler = None
     if cfg.amp and resolve_amp_dtype(device, cfg.amp_dtype) == torch.float16:
@@ -150,6 +180,7 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
     )
     trainer.logger = setup_logger("trainer", level=logging.WARNING, distributed_rank=rank)
     attach_step_timer(trainer)
+    attach_buffer_sync(trainer, model)
     pin = device.type == "cuda"
     stream = FixMatchStream(data, cfg, rank, world_size, start_iteration=lambda: trainer.state.iteration, pin_memory=pin)
     eval_loader = build_eval_loader(data, cfg, rank, world_size, pin_memory=pin)

@@ -64,13 +64,11 @@ def test_existing_output_folder_is_refused_and_kept(finished_run, folder):
 
 
 def test_config_errors_exit_before_anything_starts(tmp_path, folder):
-    t0 = time.monotonic()
     result = cli(["configs/quickstart.yaml", *tiny_overrides(folder, tmp_path / "r"), "optim.lr=-1"])
     assert result.returncode == 2 and "optim.lr" in result.stderr and "Traceback" not in result.stderr
     result = cli(["configs/quickstart.yaml", *tiny_overrides(folder, tmp_path / "r"), "handlers.5.params.evry=3"])
     assert result.returncode == 2 and "handlers[5] (tensorboard)" in result.stderr and "evry" in result.stderr
-    assert not (tmp_path / "r").exists()
-    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "r").exists()  # refused before the output folder (or anything heavy) was made
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):

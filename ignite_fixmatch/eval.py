@@ -1,0 +1,291 @@
+"""Command line: ``python -m ignite_fixmatch.eval CHECKPOINT``: score a saved model on a test set.
+
+Every checkpoint carries the resolved config of its run, so the model and the test data (with the
+same normalisation) are rebuilt exactly as training built them, and no YAML file is needed. Prints
+top-1, top-5, loss and per-class accuracy; ``--json OUT.json`` writes them too. CPU or one GPU.
+
+    python -m ignite_fixmatch.eval runs/cifar10_4000/checkpoints/checkpoint_1048576.pt
+    python -m ignite_fixmatch.eval runs/cifar10_4000 --model raw --device cpu --json scores.json
+    python -m ignite_fixmatch.eval run.pt --data-root /new/place/of/the/data
+
+The checkpoint is read with ``torch.load(weights_only=True)``: a file whose unpickling would run code
+is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from ignite_fixmatch.config import DATASETS, Config, ConfigError, from_dict
+from ignite_fixmatch.data import EvalDataset, eval_view_for, sources_from_config
+from ignite_fixmatch.datasets import DataError, DataSources
+from ignite_fixmatch.evaluation import create_evaluator
+from ignite_fixmatch.resume import CheckpointError, _shape_mismatches, list_checkpoints, read_checkpoint
+from ignite_fixmatch.training import model_from_config
+
+EXIT_USER_ERROR = 2  # bad checkpoint, data or option: nothing was evaluated
+MODEL_KEYS = {"ema": "ema_model", "raw": "model"}  # --model -> key in the checkpoint
+
+
+class EvalError(RuntimeError):
+    """A request this command cannot carry out, with what to do instead."""
+
+
+USER_ERRORS = (EvalError, CheckpointError, ConfigError, DataError)
+
+
+# --------------------------------------------------------------------------- checkpoint and config
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A .pt file as given, or a run folder (or its checkpoints/ folder) -> its newest checkpoint."""
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist. Give a .pt file written by training, or a run folder.")
+    run_dir = path.parent if path.name == "checkpoints" else path
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{str(path)!r} is a folder without checkpoints (no checkpoints/checkpoint_<iteration>.pt). Give a .pt file.")
+    return found[-1]
+
+
+def config_of(ckpt: Mapping[str, Any], path: Path) -> Config:
+    """The run's config stored in the checkpoint (written by resume.ConfigRecord)."""
+    stored = ckpt.get("config")
+    if not isinstance(stored, Mapping):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds no config (its keys: {', '.join(map(str, ckpt)) or 'none'}): it was not written by "
+            "this project's checkpoint handler, so the model and data it needs are unknown."
+        )
+    try:
+        return from_dict(dict(stored))
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a config this version cannot use: {e}") from None
+
+
+def with_data_overrides(cfg: Config, name: str | None, root: str | None) -> Config:
+    """Point the config at another data set name or location (e.g. the data moved).
+
+    Not re-validated: training-only checks (labels per class, batch sizes) do not matter here.
+    """
+    changes = {k: v for k, v in (("name", name), ("root", root)) if v is not None}
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes)) if changes else cfg
+
+
+def choose_model(ckpt: Mapping[str, Any], requested: str | None, path: Path) -> str:
+    """``ema`` when the checkpoint has it and nothing else was asked, else ``raw``."""
+    if requested is None:
+        return "ema" if MODEL_KEYS["ema"] in ckpt else "raw"
+    if MODEL_KEYS[requested] not in ckpt:
+        hint = " (the run had no ema handler); use --model raw" if requested == "ema" else ""
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no {requested} model{hint}.")
+    return requested
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--device cuda: no CUDA device is available here. Use --device cpu (or auto).")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def classes_in_state(model: torch.nn.Module, state: Mapping[str, Any], num_classes: int) -> int | None:
+    """The number of classes the checkpoint's classifier predicts, when it differs from ``num_classes``:
+    read from a tensor whose first dimension is the class count in this model but not in the checkpoint."""
+    for key, own in model.state_dict().items():
+        theirs = state.get(key)
+        if (
+            isinstance(theirs, torch.Tensor) and theirs.ndim == own.ndim and own.ndim >= 1
+            and own.shape[0] == num_classes and theirs.shape[0] != num_classes and theirs.shape[1:] == own.shape[1:]
+        ):
+            return int(theirs.shape[0])
+    return None
+
+
+def build_loaded_model(cfg: Config, sources: DataSources, state: Any, path: Path, which: str) -> torch.nn.Module:
+    """The run's network for this data set, with the checkpoint's weights; refuses any mismatch."""
+    try:
+        model = model_from_config(cfg, sources.num_classes, sources.channels)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: the model of its config ({cfg.model.name!r}) cannot be built here: {e}") from None
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {str(path)!r}: its {which} model is a {type(state).__name__}, not a state dict.")
+    trained_for = classes_in_state(model, state, sources.num_classes)
+    if trained_for is not None:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was trained on {trained_for} classes but the test data ({describe_data(cfg)}) has "
+            f"{sources.num_classes}: {', '.join(sources.classes)}. Evaluate it on the data set it was trained on "
+            "(--data/--data-root), with the same class folders."
+        )
+    problems = _shape_mismatches(model, state)
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit the model its config describes for {describe_data(cfg)} "
+            f"({sources.channels} channels, {sources.num_classes} classes): {shown}."
+        )
+    model.load_state_dict(state)
+    return model
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def describe_data(cfg: Config) -> str:
+    return f"{cfg.data.name} at {cfg.data.root!r}" if cfg.data.name != "digits" else "digits (bundled with scikit-learn)"
+
+
+def load_test_data(cfg: Config, root_given: bool) -> DataSources:
+    try:
+        return sources_from_config(cfg, with_unlabeled=False)
+    except DataError as e:
+        where = "as given by --data-root" if root_given else "from the checkpoint's config; if it moved, give --data-root PATH"
+        raise DataError(f"{e} (data set: {describe_data(cfg)}, {where})") from None
+
+
+def per_class_rows(confusion: torch.Tensor, classes: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of the confusion matrix are true classes: accuracy = diagonal / row sum (None: no images)."""
+    rows = []
+    for i, name in enumerate(classes):
+        images, correct = int(confusion[i].sum()), int(confusion[i, i])
+        rows.append({"class": name, "images": images, "correct": correct, "top1": 100.0 * correct / images if images else None})
+    return rows
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data: str | None = None,
+    data_root: str | None = None,
+    model: str | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Score one checkpoint on its data set's test split. Accuracies in percent, as in results.json."""
+    path = resolve_checkpoint(Path(checkpoint))
+    ckpt = read_checkpoint(path)
+    cfg = with_data_overrides(config_of(ckpt, path), data, data_root)
+    which = choose_model(ckpt, model, path)
+    dev = resolve_device(device)
+    sources = load_test_data(cfg, root_given=data_root is not None)
+    net = build_loaded_model(cfg, sources, ckpt[MODEL_KEYS[which]], path, which).to(dev)
+
+    loader = DataLoader(
+        EvalDataset(sources.test, eval_view_for(sources)),
+        batch_size=batch_size or cfg.data.eval_batch_size,
+        shuffle=False,
+        num_workers=min(cfg.data.num_workers, 2) if num_workers is None else num_workers,
+        pin_memory=dev.type == "cuda",
+    )
+    evaluator = create_evaluator(
+        net, dev, num_classes=sources.num_classes, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
+        channels_last=cfg.model.channels_last, per_class=True,
+    )
+    metrics = evaluator.run(loader).metrics
+    trainer_state = ckpt.get("trainer")
+    return {
+        "checkpoint": str(path),
+        "iteration": trainer_state.get("iteration") if isinstance(trainer_state, Mapping) else None,
+        "model": which,
+        "device": str(dev),
+        "data": {"name": cfg.data.name, "root": cfg.data.root, "split": "test", "images": len(sources.test), "classes": list(sources.classes)},
+        "top1": 100.0 * metrics["top1"],
+        "top5": 100.0 * metrics["top5"],
+        "top5_k": min(5, sources.num_classes),
+        "loss": float(metrics["loss"]),
+        "per_class": per_class_rows(metrics["confusion"].cpu(), sources.classes),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    d = report["data"]
+    k = report["top5_k"]
+    iteration = f" (iteration {report['iteration']})" if report["iteration"] is not None else ""
+    lines = [
+        f"checkpoint: {report['checkpoint']}{iteration}, model: {report['model']}, device: {report['device']}",
+        f"data: {d['name']} at {d['root']}, test split: {d['images']} images, {len(d['classes'])} classes",
+        f"top-1: {report['top1']:.2f} %",
+        f"top-5: {report['top5']:.2f} %" + (f" (top-{k}: only {k} classes)" if k < 5 else ""),
+        f"loss: {report['loss']:.4f}",
+        "per-class accuracy:",
+    ]
+    width = max([len("class")] + [len(r["class"]) for r in report["per_class"]])
+    lines.append(f"  {'class':<{width}}  {'images':>7}  {'correct':>7}  {'top-1 %':>7}")
+    for r in report["per_class"]:
+        acc = f"{r['top1']:.2f}" if r["top1"] is not None else "n/a"
+        lines.append(f"  {r['class']:<{width}}  {r['images']:>7}  {r['correct']:>7}  {acc:>7}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ignite_fixmatch.eval",
+        description="Evaluate a checkpoint on its data set's test split: top-1, top-5, loss and per-class accuracy. "
+        "Model and data are rebuilt from the config stored in the checkpoint.",
+    )
+    parser.add_argument("checkpoint", help="a .pt file written by training, or a run folder (its newest checkpoint)")
+    parser.add_argument("--data-root", help="where the data set is now (default: data.root of the checkpoint's config)")
+    parser.add_argument("--data", choices=DATASETS, help="data set name (default: data.name of the checkpoint's config)")
+    parser.add_argument("--model", choices=tuple(MODEL_KEYS), help="which weights: ema (default when saved) or raw")
+    parser.add_argument("--batch-size", type=_positive, help="images per batch (default: data.eval_batch_size)")
+    parser.add_argument("--num-workers", type=_non_negative, help="data-loading processes (default: as in training)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available, else cpu")
+    parser.add_argument("--json", type=Path, help="also write the scores to this JSON file")
+    return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.json is not None and not args.json.parent.is_dir():
+            raise EvalError(f"--json: folder {str(args.json.parent)!r} does not exist; create it or write elsewhere.")
+        report = evaluate_checkpoint(
+            args.checkpoint, data=args.data, data_root=args.data_root, model=args.model,
+            batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
+        )
+    except USER_ERRORS as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(format_report(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
