@@ -56,6 +56,7 @@ class Checkpointing:
             score_function=self._score, score_name="top1",
         )
         self.evaluators = ctx.evaluators
+        ctx.save_checkpoint = self.save_last
         ctx.trainer.add_event_handler(Events.STARTED, self._register)
 
     def _files(self, best: bool) -> list[Path]:
@@ -106,7 +107,7 @@ class Checkpointing:
         the atomic saver removed its temporary file and nothing older was deleted yet."""
         try:
             checkpoint(trainer)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             found = self._files(best=False)
             last = str(found[-1]) if found else "none"
             raise CheckpointWriteError(

@@ -20,10 +20,11 @@ import numpy as np
 from ignite.engine import Engine, Events
 from PIL import Image
 
+from handlers.checkpoint import best_score
 from ignite_fixmatch.augment import pad_crop_flip
-from ignite_fixmatch.config import ConfigError, to_dict
+from ignite_fixmatch.config import ConfigError, dump_yaml, to_dict
 from ignite_fixmatch.plugins import Context, step_scalars
-from ignite_fixmatch.resume import CHECKPOINT_DIR
+from ignite_fixmatch.resume import checkpoint_iteration, list_checkpoints
 
 EVAL_METRICS = ("top1", "top5", "loss")
 SAMPLE_MIN_SIDE = 96  # tiny images (16 or 32 px) are upscaled so the UI shows them at a readable size
@@ -41,7 +42,7 @@ class ClearML:
     """A ClearML task for the run (rank 0), fed through Ignite's ClearMLLogger.
 
     - Hyperparameters: the resolved config in section ``config``, nested keys joined by ``/``
-      (``data/num_labels``, ``optim/lr``), plus ``config.yaml`` as a configuration object.
+      (``data/num_labels``, ``optim/lr``), and the same as YAML in the configuration object ``config.yaml``.
     - Scalars, one chart per quantity with one series per source: every ``every`` iterations the
       step's metrics (series ``train``: loss, loss_x, loss_u, mask_rate, pseudo_acc, lr, data_time,
       step_time), and after each evaluation top1/top5/loss of every evaluator (series ``test_ema``,
@@ -84,7 +85,7 @@ class ClearML:
         self.project, self.task_name, self.offline = project, task_name, offline
         self.upload_best_model, self.sample_images, self.every = upload_best_model, sample_images, every
         self.connect_timeout = float(connect_timeout)
-        self._started = self._closed = False
+        self._started = self._registered = self._closed = False
 
     # ------------------------------------------------------------------ attach
 
@@ -96,9 +97,9 @@ class ClearML:
         self.offline_folder = Path(self.task.get_offline_mode_folder()) if self.task.is_offline() else None
         self.logger = ClearMLLogger()  # Ignite's logger reuses Task.current_task(), the task just opened
         self.task.connect(to_dict(ctx.config), name="config")
-        config_file = Path(ctx.output_dir) / "config.yaml"
-        if config_file.is_file():
-            self.task.connect_configuration(config_file, name="config.yaml", description="resolved config of this run")
+        self.task.set_configuration_object(
+            name="config.yaml", config_text=dump_yaml(ctx.config), config_type="yaml", description="the resolved config of this run"
+        )
         self._report_samples(ctx)
         trainer = ctx.trainer
         self.logger.attach(trainer, log_handler=_report_train_scalars, event_name=Events.ITERATION_COMPLETED(every=self.every))
@@ -115,7 +116,9 @@ class ClearML:
         trainer.add_event_handler(Events.STARTED, self._register_late)
 
     def _register_late(self, trainer: Engine) -> None:
-        trainer.remove_event_handler(self._register_late, Events.STARTED)
+        if self._registered:
+            return
+        self._registered = True
         for name, evaluator in self.ctx.evaluators.items():
             self.logger.attach(evaluator, log_handler=_EvalScalars(trainer, f"test_{name}"), event_name=Events.COMPLETED)
         trainer.add_event_handler(Events.COMPLETED, self._finish)
@@ -175,9 +178,7 @@ class ClearML:
         if not self.sample_images or ctx.data is None:
             return
         for i, image in enumerate(augmentation_samples(ctx.data, self.sample_images, ctx.config.seed)):
-            self.logger.clearml_logger.report_image(
-                title="augmentations", series=f"sample_{i:02d}", iteration=0, image=image
-            )
+            self.logger.clearml_logger.report_image(title="augmentations", series=f"sample_{i:02d}", iteration=0, image=image)
 
     def _finish(self, trainer: Engine) -> None:
         if self._closed:
@@ -209,7 +210,7 @@ class ClearML:
     def _register_best_model(self, iteration: int) -> None:
         from clearml import OutputModel
 
-        best = best_checkpoint(Path(self.ctx.output_dir) / CHECKPOINT_DIR)
+        best = best_checkpoint(Path(self.ctx.output_dir))
         if best is None:
             self.ctx.logger.info("ClearML: no best checkpoint to register (the checkpoint handler with keep_best >= 1 writes one)")
             return
@@ -226,8 +227,11 @@ class ClearML:
 
 
 def _report_train_scalars(engine: Engine, logger: Any, event_name: Any) -> None:
+    """Non-finite values are left out: ClearML would draw them as 0, and pseudo_acc is NaN by design
+    when no pseudo-label passes the threshold (a diverged loss stops the run in terminate_on_nan)."""
     for key, value in step_scalars(engine).items():
-        logger.clearml_logger.report_scalar(title=key, series="train", value=value, iteration=engine.state.iteration)
+        if math.isfinite(value):
+            logger.clearml_logger.report_scalar(title=key, series="train", value=value, iteration=engine.state.iteration)
 
 
 class _EvalScalars:
@@ -279,16 +283,10 @@ def _unreachable(host: str, timeout: float) -> str | None:
     return None
 
 
-def best_checkpoint(folder: Path) -> Path | None:
-    """The best_*.pt file with the highest score (``..._top1=0.8125.pt``), the newest on a tie."""
-    scored = []
-    for path in folder.glob("best_*.pt"):
-        try:
-            score = float(path.stem.rsplit("=", 1)[-1])
-        except ValueError:
-            score = -math.inf
-        scored.append((score, path.stat().st_mtime, path))
-    return max(scored)[2] if scored else None
+def best_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint handler's best file with the highest top-1, the latest iteration on a tie."""
+    best = [p for p in list_checkpoints(output_dir) if p.name.startswith("best")]
+    return max(best, key=lambda p: (best_score(p), checkpoint_iteration(p))) if best else None
 
 
 def augmentation_samples(data: Any, n: int, seed: int) -> list[np.ndarray]:
@@ -296,7 +294,8 @@ def augmentation_samples(data: Any, n: int, seed: int) -> list[np.ndarray]:
 
     Draws from their own ``random.Random``, so training randomness is untouched."""
     total = len(data.unlabeled)
-    indices = sorted({round(k * (total - 1) / max(n - 1, 1)) for k in range(min(n, total))})
+    m = min(n, total)
+    indices = sorted({round(k * (total - 1) / max(m - 1, 1)) for k in range(m)})
     weak = data.weak
     rows = []
     for i in indices:

@@ -6,12 +6,9 @@ import math
 
 from ignite.engine import Engine, Events
 
+from ignite_fixmatch.fixmatch import NonFiniteLossError
 from ignite_fixmatch.plugins import Context
 from ignite_fixmatch.resume import list_checkpoints
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged; the message names the iteration and the last good checkpoint."""
 
 
 class StopOnNonFinite:

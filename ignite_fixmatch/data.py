@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ignite_fixmatch.augment import StrongView, WeakView, to_normalized_tensor
 from ignite_fixmatch.config import Config, ConfigError
 from ignite_fixmatch.datasets import DataSources, ImageSource, build_sources
+from ignite_fixmatch.preemption import ignore_stop_signals
 
 LABELED, UNLABELED, EVAL = 0, 1, 2  # stream ids: part of every seed so the streams are independent
 PAD_FRACTION = 0.125  # 4 px of 32 (CIFAR), 12 px of 96 (STL-10)
@@ -257,6 +258,7 @@ class FixMatchStream:
             pin_memory=self.pin_memory,
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals,
         )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -280,4 +282,5 @@ def build_eval_loader(data: FixMatchData, cfg: Config, rank: int, world_size: in
         sampler=ShardedEvalSampler(len(ds), rank, world_size),
         num_workers=min(cfg.data.num_workers, 2),
         pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals,
     )

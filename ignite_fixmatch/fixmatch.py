@@ -16,6 +16,10 @@ from ignite.engine import Engine
 from torch import Tensor, nn
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training diverged (NaN or inf loss); the message names the iteration and the last good checkpoint."""
+
+
 def supervised_loss(logits_x: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy of the labeled part, mean over the labeled batch."""
     return F.cross_entropy(logits_x, targets, reduction="mean")

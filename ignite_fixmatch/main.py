@@ -18,13 +18,27 @@ from torch.multiprocessing import ProcessExitedException
 
 from ignite_fixmatch.config import Config, ConfigError, load_config
 from ignite_fixmatch.datasets import DataError
+from ignite_fixmatch.fixmatch import NonFiniteLossError
 from ignite_fixmatch.plugins import build_handlers
-from ignite_fixmatch.resume import CheckpointError
+from ignite_fixmatch.preemption import Preempted
+from ignite_fixmatch.resume import CheckpointError, CheckpointWriteError
 from ignite_fixmatch.training import OutputDirError, training
 
+# Exit codes, so that job scripts can tell what happened (see README, "Failure modes and recovery").
 EXIT_USER_ERROR = 2  # bad config, data, checkpoint or output folder: nothing was trained
+EXIT_DIVERGED = 3  # non-finite loss: the last good checkpoint is intact
+EXIT_SAVE_FAILED = 4  # a checkpoint could not be written: the previous one is intact
+EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: a checkpoint was written; run again with resume=auto (EX_TEMPFAIL)
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, OutputDirError)
+EXIT_CODES: dict[type[Exception], int] = {
+    ConfigError: EXIT_USER_ERROR,
+    DataError: EXIT_USER_ERROR,
+    CheckpointError: EXIT_USER_ERROR,
+    OutputDirError: EXIT_USER_ERROR,
+    NonFiniteLossError: EXIT_DIVERGED,
+    CheckpointWriteError: EXIT_SAVE_FAILED,
+    Preempted: EXIT_PREEMPTED,
+}
 
 
 def launched_by_torchrun() -> bool:
@@ -67,14 +81,26 @@ def check_nccl(nproc_per_node: int | None) -> None:
         )
 
 
+def exit_code_of(error: BaseException) -> int | None:
+    return next((code for kind, code in EXIT_CODES.items() if isinstance(error, kind)), None)
+
+
+def error_line(error: BaseException) -> str:
+    """One paragraph: an error raised in a DataLoader worker carries the worker's traceback; keep its last line."""
+    message = str(error)
+    if "Original Traceback" in message:
+        message = message.strip().splitlines()[-1]
+    return message
+
+
 def spawned_training(local_rank: int, cfg: Config) -> None:
-    """What each process spawned by Ignite runs. A user error (bad data, output folder, ...) is printed as
-    one line and ends this process with EXIT_USER_ERROR; the launcher then stops the other processes."""
+    """What each process spawned by Ignite runs. A known error (bad data, preemption, ...) is printed as
+    one line and ends this process with its exit code; the launcher then stops the other processes."""
     try:
         training(local_rank, cfg)
-    except USER_ERRORS as e:
-        print(f"error (process {idist.get_rank()} of {idist.get_world_size()}): {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+    except tuple(EXIT_CODES) as e:
+        print(f"error (process {idist.get_rank()} of {idist.get_world_size()}): {error_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(exit_code_of(e))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = parallel_kwargs(cfg)
         with idist.Parallel(**kwargs) as parallel:
             parallel.run(spawned_training if "nproc_per_node" in kwargs else training, cfg)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except ProcessExitedException as e:  # a spawned process stopped on a user error, already printed
-        if e.exit_code != EXIT_USER_ERROR:
+    except tuple(EXIT_CODES) as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return exit_code_of(e)
+    except ProcessExitedException as e:  # a spawned process stopped on a known error, already printed
+        if e.exit_code not in EXIT_CODES.values():
             raise
-        return EXIT_USER_ERROR
+        return e.exit_code
     return 0
 
 

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 import torch
 from ignite.engine import Engine
@@ -55,12 +55,13 @@ class Context:
     to_save: dict[str, Any] = field(default_factory=dict)
     evaluators: dict[str, Engine] = field(default_factory=dict)
     ema_model: nn.Module | None = None
-    # Filled by the evaluation handler: engine.state.metrics of the last evaluation of each model.
     scaler: Any = None
     device: Any = None
     data: Any = None
     rank: int = 0
     world_size: int = 1
+    # Set by the checkpoint handler: writes a resumable checkpoint now (used on preemption).
+    save_checkpoint: Callable[[Engine], None] | None = None
 
 
 @runtime_checkable

@@ -74,6 +74,28 @@ class ConfigRecord:
         self.loaded = dict(state)
 
 
+class ClassesRecord:
+    """The class names of the training data: resuming or evaluating on other classes is refused."""
+
+    def __init__(self, classes: list[str]) -> None:
+        self.classes = list(classes)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"classes": self.classes}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = list(state["classes"])
+        if saved != self.classes:
+            only_saved = sorted(set(saved) - set(self.classes))
+            only_here = sorted(set(self.classes) - set(saved))
+            detail = f"checkpoint has {len(saved)} classes, the data has {len(self.classes)}"
+            if only_saved or only_here:
+                detail += f"; only in the checkpoint: {', '.join(only_saved[:10]) or '-'}; only in the data: {', '.join(only_here[:10]) or '-'}"
+            else:
+                detail += "; same names in another order"
+            raise CheckpointError(f"the checkpoint was trained on other classes than this data ({detail}). Use the data it was trained on.")
+
+
 def checkpoint_iteration(path: Path) -> int:
     m = _ITERATION.search(path.name)
     return int(m.group(1)) if m else -1

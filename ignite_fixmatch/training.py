@@ -24,7 +24,17 @@ from ignite_fixmatch.data import build_data, build_eval_loader, save_split, sour
 from ignite_fixmatch.fixmatch import create_trainer, parameter_groups, resolve_amp_dtype
 from ignite_fixmatch.models import build_model
 from ignite_fixmatch.plugins import Context, attach_all, build_handlers
-from ignite_fixmatch.resume import CHECKPOINT_DIR, ConfigRecord, RNGState, find_resume_checkpoint, load_into
+from ignite_fixmatch.preemption import PreemptionGuard
+from ignite_fixmatch.resume import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    ClassesRecord,
+    ConfigRecord,
+    RNGState,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_into,
+)
 
 LOGGER_NAME = "ignite_fixmatch"
 
@@ -68,6 +78,35 @@ def shared_output_dir(cfg: Config) -> Path:
     return Path(result)
 
 
+def shared_resume_checkpoint(cfg: Config, output_dir: Path) -> Path | None:
+    """Rank 0 picks the checkpoint; every rank loads that same file, or every rank gets the same error.
+
+    A rank that cannot see the file (nodes without a shared output_dir) stops with a clear error instead
+    of starting from scratch while the others resume, which would desynchronise the job.
+    """
+    if cfg.resume is None:
+        return None
+    result = ""
+    if idist.get_rank() == 0:
+        try:
+            found = find_resume_checkpoint(cfg.resume, output_dir)
+            result = str(found.resolve()) if found is not None else ""
+        except CheckpointError as e:
+            result = "ERROR:" + str(e)
+    if idist.get_world_size() > 1:
+        result = idist.broadcast(result, src=0, safe_mode=True)
+    if result.startswith("ERROR:"):
+        raise CheckpointError(result[len("ERROR:") :])
+    if not result:
+        return None
+    if not Path(result).is_file():
+        raise CheckpointError(
+            f"process {idist.get_rank()} cannot read {result!r}, the checkpoint process 0 resumes from. With several "
+            "nodes, output_dir (and any resume= path) must be on a filesystem that every node mounts at the same path."
+        )
+    return Path(result)
+
+
 def attach_step_timer(trainer: Engine) -> None:
     """Seconds spent waiting for data and in the update, on ``trainer.state.data_time/step_time``."""
     marks: dict[str, float] = {}
@@ -106,6 +145,11 @@ def attach_buffer_sync(trainer: Engine, model: torch.nn.Module) -> None:
         for b in buffers:
             b.copy_(flat[offset : offset + b.numel()].view_as(b))
             offset += b.numel()
+
+
+def _newest_checkpoint(output_dir: Path) -> str:
+    found = list_checkpoints(output_dir)
+    return str(found[-1]) if found else "none (no checkpoint handler)"
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -191,6 +235,7 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         "optimizer": optimizer,
         "rng": RNGState(),
         "config": ConfigRecord(cfg),
+        "classes": ClassesRecord(sources.classes),
     }
     if scaler is not None:
         to_save["scaler"] = scaler
@@ -200,8 +245,11 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         data=data, rank=rank, world_size=world_size,
     )
     attach_all(handlers, ctx)
+    guard = PreemptionGuard(logger)
+    guard.install()
+    guard.attach(trainer, ctx.save_checkpoint, lambda: _newest_checkpoint(output_dir))
 
-    checkpoint = find_resume_checkpoint(cfg.resume, output_dir)
+    checkpoint = shared_resume_checkpoint(cfg, output_dir)
     if checkpoint is not None:
         load_into(to_save, checkpoint)
         logger.info("Resumed from %s at iteration %d", checkpoint, trainer.state.iteration)

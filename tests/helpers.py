@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,19 +44,19 @@ def make_folder(tmp_path: Path) -> Path:
 
 def cli(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "ignite_fixmatch.main", *args], cwd=kwargs.pop("cwd", ROOT), env=test_env(), capture_output=True,
+        [sys.executable, "-m", "ignite_fixmatch.main", *args], cwd=kwargs.pop("cwd", ROOT), env=subprocess_env(), capture_output=True,
         text=True, timeout=timeout, **kwargs,
     )
 
 
 def popen(args: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "ignite_fixmatch.main", *args], cwd=ROOT, env=test_env(), stdout=subprocess.PIPE,
+        [sys.executable, "-m", "ignite_fixmatch.main", *args], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, **kwargs,
     )
 
 
-def test_env() -> dict[str, str]:
+def subprocess_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("CLEARML_API_ACCESS_KEY", None)
     return env
@@ -79,3 +80,20 @@ def assert_same_tensors(a, b, where: str = "") -> None:
             assert_same_tensors(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until a running CLI process has written `path` (fails if the process ends first)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "timed out waiting for " + str(path)
+        time.sleep(0.02)
+
+
+def final_state_matches(reference: Path, run: Path, iteration: int = 20) -> None:
+    """The two runs' checkpoints at `iteration` hold bit-identical weights, optimizer and schedule."""
+    a = load_state(reference / "checkpoints" / f"checkpoint_{iteration}.pt")
+    b = load_state(run / "checkpoints" / f"checkpoint_{iteration}.pt")
+    for key in ("model", "ema_model", "optimizer", "lr_scheduler", "trainer"):
+        assert_same_tensors(a[key], b[key], key)

@@ -3,25 +3,11 @@
 import json
 import os
 import signal
-import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import assert_same_tensors, cli, load_state, make_folder, popen, tiny_overrides
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def finished_run(folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    result = cli(["configs/quickstart.yaml", *tiny_overrides(folder, out)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+from helpers import cli, final_state_matches, popen, tiny_overrides, wait_for_file
 
 
 def test_run_writes_its_outputs(finished_run):
@@ -76,30 +62,19 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and str(tmp_path / "nope") in result.stderr and "Traceback" not in result.stderr
 
 
-def _wait_for(path, proc, timeout=240):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "timed out waiting for " + str(path)
-        time.sleep(0.05)
-
-
 def test_sigkill_then_resume_is_bit_identical(finished_run, folder, tmp_path):
     reference, _ = finished_run
     out = tmp_path / "killed"
     args = ["configs/quickstart.yaml", *tiny_overrides(folder, out, "train.num_iters=20")]
     proc = popen(args)
-    _wait_for(out / "checkpoints" / "checkpoint_10.pt", proc)
+    wait_for_file(out / "checkpoints" / "checkpoint_10.pt", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "checkpoints" / "checkpoint_20.pt").exists()
     result = cli([*args, "resume=auto"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stderr
-    a = load_state(reference / "checkpoints" / "checkpoint_20.pt")
-    b = load_state(out / "checkpoints" / "checkpoint_20.pt")
-    for key in ("model", "ema_model", "optimizer", "lr_scheduler", "trainer"):
-        assert_same_tensors(a[key], b[key], key)
+    final_state_matches(reference, out)
     ra = json.loads((reference / "results.json").read_text())
     rb = json.loads((out / "results.json").read_text())
     assert ra["history"] == rb["history"]

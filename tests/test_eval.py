@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from helpers import ROOT, cli, datagen, load_state, make_folder, tiny_overrides
-from helpers import test_env as subprocess_env
+from helpers import subprocess_env as subprocess_env
 from ignite_fixmatch import eval as evaluate
 
 # 6 iterations; both models evaluated (and results.json written) at 3 and 6; checkpoints at 3 and 6.

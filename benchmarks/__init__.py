@@ -1,0 +1,1 @@
+"""Speed measurements of the FixMatch trainer: ``python -m benchmarks.run [--quick]``."""

@@ -1,0 +1,638 @@
+"""One command, one table: ``python -m benchmarks.run [--quick] [--device auto|cpu|cuda] [--compile auto|on|off]``.
+
+Sections (each a block of the table):
+
+1. machine: CPU/GPU, threads, load average, and the fp32 matrix-multiply rate (the 100 % mark);
+2. augmentation, per core (one thread, images per CPU-second of that thread): the per-image PIL path
+   against the batched uint8 tensor path, same draws, weak and strong views, and a whole unlabeled
+   sample (weak + strong from a uint8 array, as the data set produces it);
+3. model step: WRN-28-2 forward + backward + SGD over labeled + weak + strong in one forward
+   (1:7:7), NCHW vs channels_last, eager vs torch.compile, fp32 vs bf16 where the hardware has it,
+   as images/s and as a fraction of the matmul rate (1.285 GFLOP per 32x32 image);
+4. full training step through our Engine, data included: a reference-style step (NCHW, eager,
+   fp32, per-image PIL augmentation) against ours (channels_last, batched augmentation, compile
+   when on);
+5. framework overhead: a tiny model through a bare loop, our Engine, and our Engine with the
+   default handlers, in microseconds per iteration.
+
+Timings on a shared machine are noisy: contenders alternate within each round and the table gives
+medians over rounds (and the spread); the load average before and after is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ignite_fixmatch import augment as A
+from ignite_fixmatch import augment_batched as B
+from ignite_fixmatch.data import UNLABELED, hash_seed
+from ignite_fixmatch.fixmatch import create_trainer, fixmatch_forward, parameter_groups
+from ignite_fixmatch.models import build_model
+
+GFLOP_PER_IMAGE = 1.285  # WRN-28-2, one 32x32 image, forward + backward
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+PAD, SIZE = 4, 32
+
+
+# ---------------------------------------------------------------- table
+
+
+@dataclass
+class Table:
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+    def add(self, section: str, item: str, value: str, note: str = "") -> None:
+        self.rows.append((section, item, value, note))
+        print(f"  [{section}] {item}: {value} {note}", file=sys.stderr, flush=True)
+
+    def render(self) -> str:
+        widths = [max(len(r[i]) for r in self.rows) for i in range(3)]
+        out, last = [], None
+        for section, item, value, note in self.rows:
+            if section != last:
+                out.append(f"\n{section}")
+                last = section
+            out.append(f"  {item:<{widths[1]}}  {value:>{widths[2]}}  {note}".rstrip())
+        return "\n".join(out)
+
+
+def fmt_rate(values: list[float], unit: str = "img/s") -> str:
+    """Median and spread of per-round rates."""
+    med = statistics.median(values)
+    if len(values) > 1:
+        return f"{med:,.0f} {unit} ({min(values):,.0f}-{max(values):,.0f})"
+    return f"{med:,.0f} {unit}"
+
+
+def alternate(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run every contender once per round, in turn; each returns its own rate for that round."""
+    results: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            results[name].append(fn())
+    return results
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Temporarily run torch on n threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- machine
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 arithmetic in hardware (AVX512-BF16 or AMX); without it CPU bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_supported(device: torch.device) -> bool:
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+
+
+def matmul_gflops(device: torch.device, n: int, rounds: int) -> list[float]:
+    """fp32 square matmul rate, GFLOP/s per round (TF32 off on CUDA: this is the fp32 mark)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    c = torch.empty(n, n, device=device)
+    inner = max(1, int(2e11 // (2 * n**3))) if device.type == "cuda" else max(1, int(4e10 // (2 * n**3)))
+    torch.mm(a, b, out=c)
+    sync(device)
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=c)
+        sync(device)
+        rates.append(2 * n**3 * inner / (time.perf_counter() - t0) / 1e9)
+    return rates
+
+
+# ---------------------------------------------------------------- synthetic data
+
+
+def image_pool(n: int, seed: int = 0) -> np.ndarray:
+    """uint8 (n, 32, 32, 3) images with smooth structure plus noise (not flat, not pure noise)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g) * 255
+    img = torch.nn.functional.interpolate(low, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    img = img + torch.randn(n, 3, SIZE, SIZE, generator=g) * 12
+    return img.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+class Views:
+    """The PIL views and their batched twins, reference RandAugment, constant padding (the defaults)."""
+
+    def __init__(self, variant: str = "reference") -> None:
+        self.weak_pil = A.WeakView(PAD, "constant", True, MEAN, STD)
+        self.strong_pil = A.StrongView(variant, PAD, "constant", True, MEAN, STD)
+        self.weak = B.BatchedView(None, PAD, "constant", True)
+        self.strong = B.BatchedView(variant, PAD, "constant", True)
+
+
+def pil_unlabeled_batch(pool: np.ndarray, positions: range, views: Views, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """What AugmentedDataset + collate do today, per sample: PIL image, seeded generator, weak then strong."""
+    ws, ss = [], []
+    for p in positions:
+        img = Image.fromarray(pool[p % len(pool)])
+        rng = random.Random(hash_seed(seed, UNLABELED, p))
+        ws.append(views.weak_pil(img, rng))
+        ss.append(views.strong_pil(img, rng))
+    return torch.stack(ws), torch.stack(ss)
+
+
+def batched_unlabeled_params(pool_t: torch.Tensor, positions: range, views: Views, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batched path's host side: the same per-sample generators, drawing parameters only."""
+    rows_w, rows_s = [], []
+    for p in positions:
+        rng = random.Random(hash_seed(seed, UNLABELED, p))
+        rows_w.append(views.weak.sample(rng, (SIZE, SIZE)))
+        rows_s.append(views.strong.sample(rng, (SIZE, SIZE)))
+    idx = torch.tensor([p % len(pool_t) for p in positions])
+    return pool_t.index_select(0, idx), torch.tensor(rows_w, dtype=torch.float64), torch.tensor(rows_s, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- 2. augmentation
+
+
+def bench_augmentation(table: Table, device: torch.device, n: int, rounds: int) -> None:
+    section = f"2. augmentation, per core (1 thread, {n} images a batch; images per CPU-second)"
+    pool = image_pool(max(n, 512))
+    pool_t = torch.from_numpy(pool).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW, as the batched path keeps it
+    imgs = [Image.fromarray(pool[i]) for i in range(n)]
+    seeds = [hash_seed(0, UNLABELED, i) for i in range(n)]
+
+    def cpu_rate(fn: Callable[[], Any]) -> Callable[[], float]:
+        def run() -> float:
+            t0 = time.thread_time()
+            fn()
+            return n / (time.thread_time() - t0)
+        return run
+
+    results: dict[str, list[float]] = {}
+    pairs = []
+    with threads(1):
+        for variant in A.VARIANTS:
+            v = Views(variant)
+
+            def pil_strong(v=v) -> torch.Tensor:
+                return torch.stack([v.strong_pil(img, random.Random(s)) for img, s in zip(imgs, seeds)])
+
+            def batched_strong(v=v) -> torch.Tensor:
+                params = torch.tensor([v.strong.sample(random.Random(s), (SIZE, SIZE)) for s in seeds], dtype=torch.float64)
+                return B.normalize(v.strong(pool_t[:n], params), MEAN, STD)
+
+            a, b = f"strong ({variant}), PIL per image", f"strong ({variant}), batched tensor"
+            results.update(alternate({a: cpu_rate(pil_strong), b: cpu_rate(batched_strong)}, rounds))
+            pairs.append((a, b))
+        v = Views("reference")
+
+        def pil_weak() -> torch.Tensor:
+            return torch.stack([v.weak_pil(img, random.Random(s)) for img, s in zip(imgs, seeds)])
+
+        def batched_weak() -> torch.Tensor:
+            params = torch.tensor([v.weak.sample(random.Random(s), (SIZE, SIZE)) for s in seeds], dtype=torch.float64)
+            return B.normalize(v.weak(pool_t[:n], params), MEAN, STD)
+
+        def pil_sample() -> Any:
+            return pil_unlabeled_batch(pool, range(n), v)
+
+        def batched_sample() -> Any:
+            x, pw, ps = batched_unlabeled_params(pool_t, range(n), v)
+            return B.normalize(v.weak(x, pw), MEAN, STD), B.normalize(v.strong(x, ps), MEAN, STD)
+
+        a, b = "weak, PIL per image", "weak, batched tensor"
+        results.update(alternate({a: cpu_rate(pil_weak), b: cpu_rate(batched_weak)}, rounds))
+        pairs.append((a, b))
+        a, b = "unlabeled sample (uint8 array -> weak + strong), PIL path", "unlabeled sample, batched path"
+        results.update(alternate({a: cpu_rate(pil_sample), b: cpu_rate(batched_sample)}, rounds))
+        pairs.append((a, b))
+    for a, b in pairs:
+        table.add(section, a, fmt_rate(results[a]))
+        speedup = statistics.median(x / y for x, y in zip(results[b], results[a]))
+        table.add(section, b, fmt_rate(results[b]), f"{speedup:.1f}x the PIL path")
+    if device.type == "cuda":
+        bench_augmentation_cuda(table, device, pool_t, n * 4, rounds)
+
+
+def bench_augmentation_cuda(table: Table, device: torch.device, pool_t: torch.Tensor, n: int, rounds: int) -> None:
+    """Batched strong view on the GPU, parameters drawn there by a torch.Generator (nothing on the host)."""
+    section = f"2b. augmentation on {torch.cuda.get_device_name(device)} ({n} images a batch, wall clock)"
+    v = Views("reference")
+    x = pool_t[torch.arange(n) % len(pool_t)].to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def gpu_strong() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            params = v.strong.sample_torch(n, (SIZE, SIZE), g)
+            B.normalize(v.strong(x, params), MEAN, STD, memory_format=torch.channels_last)
+        sync(device)
+        return 10 * n / (time.perf_counter() - t0)
+
+    gpu_strong()
+    table.add(section, "strong (reference), batched on the GPU", fmt_rate(alternate({"g": gpu_strong}, rounds)["g"]))
+
+
+# ---------------------------------------------------------------- 3. model step
+
+
+@dataclass
+class StepConfig:
+    channels_last: bool
+    compiled: bool
+    bf16: bool
+
+    @property
+    def name(self) -> str:
+        layout = "channels_last" if self.channels_last else "NCHW"
+        return f"{layout}, {'compile' if self.compiled else 'eager'}, {'bf16' if self.bf16 else 'fp32'}"
+
+
+def make_model(cfg: StepConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    """(module to call, parameters' owner, optimizer) with the trainer's settings."""
+    torch.manual_seed(0)
+    model = build_model("wrn", 10).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(parameter_groups(model, 5e-4, "reference"), lr=0.03, momentum=0.9, nesterov=True)
+    call = torch.compile(model) if cfg.compiled else model
+    return call, model, optimizer
+
+
+def fixmatch_batch(b: int, mu: int, device: torch.device, channels_last: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def imgs(k: int) -> torch.Tensor:
+        return torch.randn(k, 3, SIZE, SIZE, generator=g).to(device).contiguous(memory_format=fmt)
+
+    return {"x": imgs(b), "y": torch.randint(0, 10, (b,), generator=g).to(device), "u_w": imgs(b * mu), "u_s": imgs(b * mu)}
+
+
+def step_fn(call: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, device: torch.device, bf16: bool) -> Callable[[], None]:
+    """One FixMatch update: one forward over labeled + weak + strong, losses, backward, SGD."""
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def step() -> None:
+        with amp:
+            out = fixmatch_forward(
+                call, batch["x"], batch["y"], batch["u_w"], batch["u_s"],
+                threshold=0.95, lambda_u=1.0, hard_label=True, T=1.0, use_interleave=False,
+            )
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_model_step(table: Table, device: torch.device, b: int, mu: int, steps: int, rounds: int, compile_on: bool, peak: float) -> dict[str, list[float]]:
+    images = b * (1 + 2 * mu)
+    section = f"3. model step: WRN-28-2, batch {b}+{b * mu}+{b * mu} = {images} images, {torch.get_num_threads()} threads"
+    configs = [StepConfig(cl, False, False) for cl in (False, True)]
+    if compile_on:  # compiling takes minutes on a small CPU: only the layout that wins eagerly
+        configs.append(StepConfig(True, True, False))
+    if bf16_supported(device):
+        configs += [StepConfig(True, c, True) for c in ((False, True) if compile_on else (False,))]
+    else:
+        table.add(section, "bf16", "skipped", "no bf16 hardware (AVX512-BF16/AMX); emulated bf16 is slower than fp32")
+    contenders: dict[str, Callable[[], float]] = {}
+    for cfg in configs:
+        call, _, optimizer = make_model(cfg, device)
+        step = step_fn(call, optimizer, fixmatch_batch(b, mu, device, cfg.channels_last), device, cfg.bf16)
+        t0 = time.perf_counter()
+        try:
+            step()
+            step()
+            sync(device)
+        except Exception as e:  # noqa: BLE001 - a config this machine cannot run (e.g. compile without a compiler) is a result
+            table.add(section, cfg.name, "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        if cfg.compiled:
+            table.add(section, f"{cfg.name}: compile + 2 warm-up steps", f"{time.perf_counter() - t0:.0f} s")
+
+        def run(step: Callable[[], None] = step) -> float:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync(device)
+            return steps * images / (time.perf_counter() - t0)
+
+        contenders[cfg.name] = run
+    results = alternate(contenders, rounds)
+    base = results.get(StepConfig(False, False, False).name)
+    for name, rates in results.items():
+        rate = statistics.median(rates)
+        note = f"{rate * GFLOP_PER_IMAGE / peak:.0%} of matmul"
+        if base and name != StepConfig(False, False, False).name:
+            note += f", {statistics.median(r / s for r, s in zip(rates, base)):.2f}x NCHW eager fp32"
+        table.add(section, name, fmt_rate(rates), note)
+    return results
+
+
+# ---------------------------------------------------------------- 4. full training step through the Engine
+
+
+class BatchedAugmentTransform:
+    """batch_transform for create_trainer: uint8 images + parameter rows -> normalised views on the device."""
+
+    def __init__(self, views: Views, channels_last: bool) -> None:
+        self.views = views
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        def norm(x: torch.Tensor) -> torch.Tensor:
+            return B.normalize(x, MEAN, STD, memory_format=self.memory_format)
+
+        out = dict(batch)
+        out["x"] = norm(self.views.weak(batch.pop("x_u8").contiguous(), batch.pop("x_weak")))
+        u = batch.pop("u_u8").contiguous()
+        out["u_w"] = norm(self.views.weak(u, batch.pop("u_weak")))
+        out["u_s"] = norm(self.views.strong(u, batch.pop("u_strong")))
+        for key in ("x_u8", "x_weak", "u_u8", "u_weak", "u_strong"):
+            out.pop(key, None)
+        return out
+
+
+def pil_stream(pool: np.ndarray, b: int, mu: int, views: Views) -> Iterator[dict[str, torch.Tensor]]:
+    """Reference-style data: every image through PIL, one at a time, in the training process."""
+    for step in itertools.count():
+        lab = range(step * b, (step + 1) * b)
+        x = torch.stack([views.weak_pil(Image.fromarray(pool[p % len(pool)]), random.Random(hash_seed(0, 0, p))) for p in lab])
+        u_w, u_s = pil_unlabeled_batch(pool, range(step * b * mu, (step + 1) * b * mu), views)
+        yield {"x": x, "y": torch.zeros(b, dtype=torch.long), "u_w": u_w, "u_s": u_s, "u_y": torch.zeros(b * mu, dtype=torch.long)}
+
+
+def batched_stream(pool_t: torch.Tensor, b: int, mu: int, views: Views) -> Iterator[dict[str, torch.Tensor]]:
+    """Our data: uint8 images and per-sample parameter rows; the augmentation runs in batch_transform."""
+    for step in itertools.count():
+        lab = range(step * b, (step + 1) * b)
+        rows = [views.weak.sample(random.Random(hash_seed(0, 0, p)), (SIZE, SIZE)) for p in lab]
+        u, pw, ps = batched_unlabeled_params(pool_t, range(step * b * mu, (step + 1) * b * mu), views)
+        yield {
+            "x_u8": pool_t.index_select(0, torch.tensor([p % len(pool_t) for p in lab])),
+            "x_weak": torch.tensor(rows, dtype=torch.float64),
+            "y": torch.zeros(b, dtype=torch.long),
+            "u_u8": u, "u_weak": pw, "u_strong": ps,
+            "u_y": torch.zeros(b * mu, dtype=torch.long),
+        }
+
+
+def engine_images_per_s(make_trainer: Callable[[], Any], data: Iterator, iters: int, images: int, device: torch.device) -> float:
+    """Images/s over the iterations after the first (warm-up), timed by Engine events."""
+    from ignite.engine import Events
+
+    trainer = make_trainer()
+    marks: list[float] = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _mark(_: Any) -> None:
+        sync(device)
+        marks.append(time.perf_counter())
+
+    trainer.run(data, max_iters=iters + 1, epoch_length=iters + 1)
+    return iters * images / (marks[-1] - marks[0])
+
+
+def bench_full_step(table: Table, device: torch.device, b: int, mu: int, steps: int, rounds: int, compile_on: bool, peak: float) -> None:
+    images = b * (1 + 2 * mu)
+    section = f"4. full training step through our Engine, data included ({images} images, {torch.get_num_threads()} threads)"
+    pool = image_pool(4096)
+    pool_t = torch.from_numpy(pool).permute(0, 3, 1, 2).contiguous()
+    views = Views("reference")
+    ours = StepConfig(True, compile_on, bf16_supported(device))
+    setups = {
+        "reference style: NCHW, eager, fp32, PIL per image": (StepConfig(False, False, False), None, pil_stream(pool, b, mu, views)),
+        f"ours: {ours.name}, batched augmentation": (ours, BatchedAugmentTransform(views, True), batched_stream(pool_t, b, mu, views)),
+    }
+    contenders = {}
+    for name, (cfg, transform, data) in setups.items():
+        call, _, optimizer = make_model(cfg, device)
+
+        def make_trainer(call=call, optimizer=optimizer, cfg=cfg, transform=transform) -> Any:
+            return create_trainer(
+                call, optimizer, device, threshold=0.95, lambda_u=1.0, hard_label=True, T=1.0,
+                amp=cfg.bf16, amp_dtype="bfloat16", channels_last=cfg.channels_last, batch_transform=transform,
+            )
+
+        engine_images_per_s(make_trainer, data, 1, images, device)  # warm-up (and compile)
+
+        def run(make_trainer=make_trainer, data=data) -> float:
+            return engine_images_per_s(make_trainer, data, steps, images, device)
+
+        contenders[name] = run
+    results = alternate(contenders, rounds)
+    ref_name = next(iter(setups))
+    for name, rates in results.items():
+        note = f"{statistics.median(rates) * GFLOP_PER_IMAGE / peak:.0%} of matmul"
+        if name != ref_name:
+            note += f", {statistics.median(r / s for r, s in zip(rates, results[ref_name])):.2f}x reference style"
+        table.add(section, name, fmt_rate(rates), note)
+
+
+# ---------------------------------------------------------------- 5. framework overhead
+
+
+class TinyNet(torch.nn.Module):
+    """Small enough that per-iteration overhead shows: one conv, pool, linear on 8x8 images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def attach_default_handlers(trainer: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, out_dir: Path, iters: int) -> None:
+    """The handlers of a default run (config.default_handlers), attached as training() does."""
+    from ignite_fixmatch.config import Config
+    from ignite_fixmatch.plugins import Context, attach_all, build_handlers
+
+    cfg = Config()
+    cfg.train.num_iters = iters
+    cfg.output_dir = str(out_dir)
+    logger = logging.getLogger("benchmarks.overhead")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logger.handlers = [logging.FileHandler(out_dir / "train.log")]
+    test = torch.utils.data.TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,)))
+    ctx = Context(
+        trainer=trainer, model=model, optimizer=optimizer, config=cfg, output_dir=out_dir, logger=logger,
+        loaders={"test": torch.utils.data.DataLoader(test, batch_size=16)}, device=device,
+        data=SimpleNamespace(sources=SimpleNamespace(num_classes=10)),
+    )
+    attach_all(build_handlers(cfg.handlers), ctx)
+
+
+def bench_overhead(table: Table, device: torch.device, iters: int, rounds: int) -> None:
+    from ignite.engine import Events
+
+    b, mu, warm = 4, 7, 10
+    section = f"5. framework overhead: tiny model, batch {b}+{b * mu}+{b * mu} of 8x8, {iters} iterations, 1 thread"
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {"x": torch.randn(b, 3, 8, 8, generator=g), "y": torch.randint(0, 10, (b,), generator=g),
+         "u_w": torch.randn(b * mu, 3, 8, 8, generator=g), "u_s": torch.randn(b * mu, 3, 8, 8, generator=g),
+         "u_y": torch.randint(0, 10, (b * mu,), generator=g)}
+        for _ in range(4)
+    ]
+
+    def make(handlers: bool, tmp: Path) -> tuple[Any, Any]:
+        torch.manual_seed(0)
+        model = TinyNet().to(device)
+        optimizer = torch.optim.SGD(parameter_groups(model, 5e-4, "reference"), lr=0.03, momentum=0.9, nesterov=True)
+        trainer = create_trainer(model, optimizer, device, threshold=0.95, lambda_u=1.0, hard_label=True, T=1.0)
+        if handlers:
+            attach_default_handlers(trainer, model, optimizer, device, tmp, iters)
+        return trainer, model
+
+    def bare(tmp: Path) -> float:
+        trainer, _ = make(False, tmp)
+        update, data = trainer._process_function, itertools.cycle(batches)
+        for _ in range(warm):
+            update(trainer, next(data))
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters - warm):
+            update(trainer, next(data))
+        sync(device)
+        return (time.perf_counter() - t0) / (iters - warm) * 1e6
+
+    def engine(handlers: bool, tmp: Path) -> float:
+        trainer, _ = make(handlers, tmp)
+        marks: dict[int, float] = {}
+
+        @trainer.on(Events.ITERATION_COMPLETED(once=warm) | Events.ITERATION_COMPLETED(once=iters))
+        def _mark(engine: Any) -> None:
+            sync(device)
+            marks[engine.state.iteration] = time.perf_counter()
+
+        trainer.run(itertools.cycle(batches), max_iters=iters, epoch_length=iters)
+        return (marks[iters] - marks[warm]) / (iters - warm) * 1e6
+
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        contenders: dict[str, Callable[[], float]] = {
+            "bare loop (the same update function)": lambda: bare(tmp),
+            "our Engine, no handlers": lambda: engine(False, tmp),
+        }
+        try:
+            engine(True, tmp / "probe")
+            contenders["our Engine + default handlers"] = lambda: engine(True, tmp / f"h{time.monotonic_ns()}")
+        except Exception as e:  # noqa: BLE001 - report which handler could not be built here, measure the rest
+            table.add(section, "our Engine + default handlers", "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        with threads(1):  # per-iteration Python cost; one thread keeps a tiny model's kernels from thrashing
+            results = alternate(contenders, rounds)
+    base = statistics.median(results["bare loop (the same update function)"])
+    for name, values in results.items():
+        med = statistics.median(values)
+        note = "" if name.startswith("bare") else f"{med - base:+.0f} us/iteration ({(med - base) / base:+.1%})"
+        table.add(section, name, f"{med:,.0f} us/it ({min(values):,.0f}-{max(values):,.0f})", note)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller batches, fewer rounds, no compile: about a minute")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="auto: on, except with --quick")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's, the core count)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per comparison (default 3, quick 2)")
+    parser.add_argument("--labeled", type=int, default=None, help="labeled images per step (x 15 in all; default 4 on CPU, 64 on GPU, quick 2)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the table rows here")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: aug,model,full,overhead")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick, gpu = args.quick, device.type == "cuda"
+    rounds = args.rounds or (2 if quick else 3)
+    compile_on = args.compile == "on" or (args.compile == "auto" and not quick)
+    b = args.labeled or (64 if gpu else (2 if quick else 4))
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+
+    table = Table()
+    machine = "1. machine"
+    table.add(machine, "CPU", f"{cpu_name()}, {os.cpu_count()} cores", f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
+    table.add(machine, "torch threads", str(torch.get_num_threads()), f"bf16 hardware: {'yes' if bf16_supported(device) else 'no'}")
+    if gpu:
+        table.add(machine, "GPU", torch.cuda.get_device_name(device))
+    table.add(machine, "load average at start", " ".join(f"{x:.1f}" for x in os.getloadavg()), "shared machine: medians over alternating rounds")
+    mm = matmul_gflops(device, 4096 if gpu else (1024 if quick else 2048), rounds * 2)
+    peak = statistics.median(mm)
+    table.add(machine, f"fp32 matmul ({device.type}, {torch.get_num_threads()} threads)", fmt_rate(mm, "GFLOP/s"), "the 100 % mark below")
+
+    if "aug" not in skip:
+        bench_augmentation(table, device, 448, rounds + 2)  # the unlabeled batch of a real run (64 x 7)
+    if "model" not in skip:
+        bench_model_step(table, device, b, 7, 20 if gpu else (1 if quick else 2), rounds, compile_on, peak)
+    if "full" not in skip:
+        bench_full_step(table, device, b, 7, 20 if gpu else (1 if quick else 2), rounds, compile_on, peak)
+    if "overhead" not in skip:
+        bench_overhead(table, device, 200 if quick else 600, rounds)
+    table.add("6. end", "load average at end", " ".join(f"{x:.1f}" for x in os.getloadavg()))
+
+    print(f"# python -m benchmarks.run {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(table.render())
+    if args.json:
+        args.json.write_text(json.dumps([dict(zip(("section", "item", "value", "note"), r)) for r in table.rows], indent=1))
+    return {"rows": table.rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Never lose a run: preemption, kills inside checkpoint writes, divergence, full disk, hostile files.
+
+Every failure is provoked for real on a real training subprocess.
+"""
+
+import json
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT, cli, final_state_matches, load_state, popen, subprocess_env, tiny_overrides, wait_for_file
+from ignite_fixmatch.main import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_SAVE_FAILED, EXIT_USER_ERROR
+
+
+def run_args(folder, out, *extra):
+    return ["configs/quickstart.yaml", *tiny_overrides(folder, out, *extra)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_exits_75_and_resumes_bit_identical(sig, folder, finished_run, tmp_path):
+    reference, _ = finished_run
+    out = tmp_path / "run"
+    proc = popen(run_args(folder, out))
+    wait_for_file(out / "checkpoints" / "checkpoint_5.pt", proc)
+    os.kill(proc.pid, sig)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert "resume=auto" in output and "Traceback" not in output
+    stopped = int(output.split("at iteration ")[-1].split(";")[0])
+    assert 5 <= stopped < 20
+    assert (out / "checkpoints" / f"checkpoint_{stopped}.pt").is_file()  # saved where it stopped
+    result = cli([*run_args(folder, out), "resume=auto"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at iteration {stopped}" in result.stderr
+    final_state_matches(reference, out)
+
+
+def _kill_during_checkpoint_write(args, folder_to_watch: Path) -> bool:
+    """Start the run and SIGKILL it the moment a temporary checkpoint file appears. True if it did."""
+    proc = popen(args)
+    try:
+        while proc.poll() is None:
+            if folder_to_watch.is_dir() and any(p.name.startswith("tmp") for p in os.scandir(folder_to_watch)):
+                proc.kill()
+                return True
+    finally:
+        proc.kill()
+        proc.wait()
+    return False
+
+
+def test_sigkill_inside_a_checkpoint_write_leaves_a_loadable_checkpoint(folder, finished_run, tmp_path):
+    reference, _ = finished_run
+    out = tmp_path / "run"
+    args = run_args(folder, out, "resume=auto")
+    kills = 0
+    for _ in range(6):  # each attempt resumes and is killed at its next write; the run still converges
+        kills += _kill_during_checkpoint_write(args, out / "checkpoints")
+        if (out / "checkpoints" / "checkpoint_20.pt").exists():
+            break
+        for path in (out / "checkpoints").glob("checkpoint_*.pt"):
+            load_state(path)  # every complete-named file is loadable, even right after a kill mid-write
+    assert kills >= 1, "never caught the run inside a checkpoint write"
+    result = cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list((out / "checkpoints").glob("tmp*"))  # leftovers of killed writes are cleaned
+    final_state_matches(reference, out)
+
+
+def test_divergence_stops_with_the_iteration_and_keeps_the_last_good_checkpoint(folder, tmp_path):
+    out = tmp_path / "run"
+    first = cli(run_args(folder, out, "train.num_iters=10"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    good = load_state(out / "checkpoints" / "checkpoint_10.pt")
+    # lambda_u is not part of the saved state: resuming with an absurd weight makes the loss blow up.
+    result = cli(run_args(folder, out, "train.num_iters=20", "resume=auto", "fixmatch.lambda_u=1e38", "fixmatch.threshold=0.0"))
+    assert result.returncode == EXIT_DIVERGED, result.stderr[-3000:]
+    assert "training diverged" in result.stderr and "checkpoint_10.pt" in result.stderr
+    assert "Traceback" not in result.stderr
+    names = sorted(p.name for p in (out / "checkpoints").glob("checkpoint_*.pt"))
+    assert names == ["checkpoint_10.pt", "checkpoint_5.pt"]  # nothing after the divergence was saved
+    after = load_state(out / "checkpoints" / "checkpoint_10.pt")
+    assert all(torch.equal(good["model"][k], after["model"][k]) for k in good["model"])
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write fails with EFBIG, like a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous_one(folder, tmp_path):
+    out = tmp_path / "run"
+    first = cli(run_args(folder, out, "train.num_iters=5"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = subprocess.run(
+        [os.sys.executable, "-m", "ignite_fixmatch.main", *run_args(folder, out, "resume=auto", "handlers.5.params.every=100")],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size,
+    )
+    assert result.returncode == EXIT_SAVE_FAILED, result.stderr[-3000:]
+    assert "could not write the checkpoint of iteration 10" in result.stderr and "checkpoint_5.pt" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best_checkpoint_5_top1=" + _score(out) + ".pt", "checkpoint_5.pt"]
+    load_state(out / "checkpoints" / "checkpoint_5.pt")
+
+
+def _score(out):
+    return next((out / "checkpoints").glob("best_*")).stem.rsplit("=", 1)[-1]
+
+
+class _WritesMarker:
+    """A pickle payload that would create a file if it were ever unpickled with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(folder, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _WritesMarker(marker)}, evil)
+    result = cli(run_args(folder, tmp_path / "run", f"resume={evil}"))
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-3000:]
+    assert "refused" in result.stderr and "arbitrary code" in result.stderr
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the payload is real: unsafe loading does run it
+    assert marker.exists()
+
+
+def test_a_checkpoint_of_another_model_or_data_set_is_refused(folder, finished_run, tmp_path):
+    reference, _ = finished_run
+    ckpt = reference / "checkpoints" / "checkpoint_20.pt"
+    wider = cli(run_args(folder, tmp_path / "a", f"resume={ckpt}", "model.widen_factor=2"))
+    assert wider.returncode == EXIT_USER_ERROR and "does not fit this model" in wider.stderr
+    assert "checkpoint (16, 16, 3, 3) vs model (32, 16, 3, 3)" in wider.stderr or "vs model" in wider.stderr
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    for split in ("train", "test"):
+        (other / split / "frog").rename(other / split / "toad")
+    renamed = cli(run_args(other, tmp_path / "b", f"resume={ckpt}"))
+    assert renamed.returncode == EXIT_USER_ERROR, renamed.stderr[-3000:]
+    assert "other classes" in renamed.stderr and "frog" in renamed.stderr and "toad" in renamed.stderr
+
+
+def test_a_corrupt_image_is_named_and_can_be_skipped(folder, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    victim = sorted((data / "train" / "cat").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated png
+    failed = cli(run_args(data, tmp_path / "a", "data.num_labels=-1", "data.batch_size=24"))
+    assert failed.returncode == EXIT_USER_ERROR, failed.stderr[-3000:]
+    assert victim.name in failed.stderr and "data.skip_corrupt" in failed.stderr
+    skipped = cli(run_args(data, tmp_path / "b", "data.num_labels=-1", "data.batch_size=24", "data.skip_corrupt=true"))
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert victim.name in skipped.stderr  # warned
+
+
+def test_secrets_from_the_environment_never_reach_the_outputs(folder, tmp_path):
+    secret = "s3cr3t-token-value-123"
+    env = dict(subprocess_env(), CLEARML_API_SECRET_KEY=secret, CLEARML_API_ACCESS_KEY=secret, AWS_SECRET_ACCESS_KEY=secret)
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [os.sys.executable, "-m", "ignite_fixmatch.main", *run_args(folder, out, "train.num_iters=5")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert secret not in result.stderr + result.stdout
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
