@@ -144,9 +144,8 @@ def create_trainer(
 ) -> Engine:
     """An Engine whose iteration is one FixMatch update on a batch dict (x, y, u_w, u_s, u_y).
 
-    ``scaler`` is a GradScaler (float16 AMP); it is stored on ``trainer.state.scaler``-free closure so a
-    checkpoint can hold it. ``batch_transform`` runs on the device before the forward (e.g. batched
-    augmentation on the GPU).
+    ``scaler``: a GradScaler for float16 AMP (the caller owns it, so the checkpoint can hold it).
+    ``batch_transform`` runs on the device before the forward (e.g. batched augmentation on the GPU).
     """
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
