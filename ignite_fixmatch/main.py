@@ -28,6 +28,7 @@ from ignite_fixmatch.training import OutputDirError, training
 EXIT_USER_ERROR = 2  # bad config, data, checkpoint or output folder: nothing was trained
 EXIT_DIVERGED = 3  # non-finite loss: the last good checkpoint is intact
 EXIT_SAVE_FAILED = 4  # a checkpoint could not be written: the previous one is intact
+EXIT_PROCESS_DIED = 5  # a process of a multi-process job died (killed, out of memory): the others were stopped
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: a checkpoint was written; run again with resume=auto (EX_TEMPFAIL)
 
 EXIT_CODES: dict[type[Exception], int] = {
@@ -124,10 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     except tuple(EXIT_CODES) as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return exit_code_of(e)
-    except ProcessExitedException as e:  # a spawned process stopped on a known error, already printed
-        if e.exit_code not in EXIT_CODES.values():
-            raise
-        return e.exit_code
+    except ProcessExitedException as e:  # a spawned process ended; the launcher stopped the others
+        if e.exit_code in EXIT_CODES.values():  # a known error, already printed by that process
+            return e.exit_code
+        how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
+        print(
+            f"error: process {e.error_index} of the job {how}; the other processes were stopped. "
+            "Continue from the last checkpoint with resume=auto.",
+            file=sys.stderr,
+        )
+        return EXIT_PROCESS_DIED
     return 0
 
 

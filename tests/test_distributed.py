@@ -303,3 +303,39 @@ def test_a_crash_in_one_process_ends_the_whole_job_with_its_error(tmp_path):
     wait_group_gone(proc.pid)  # rank 0 did not stay behind
     # It failed at the first evaluation (iteration 10), mid-run, not at start-up.
     assert (out / "checkpoints" / "checkpoint_5.pt").exists() and not (out / "results.json").exists()
+
+
+def _spawned_workers(launcher_pid: int) -> list[int]:
+    """PIDs of the training processes Ignite spawned under the launcher (not multiprocessing's tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher_pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def test_a_killed_process_ends_the_whole_job_quickly(folder, tmp_path):
+    out = tmp_path / "killed-rank"
+    proc = popen([CONFIG, *tiny_overrides(folder, out, "train.num_iters=2000"), *spawn_args(timeout_s=600)], start_new_session=True)
+    try:
+        wait_for_file(out / "checkpoints" / "checkpoint_5.pt", proc, timeout=LAUNCH_TIMEOUT)
+        workers = _spawned_workers(proc.pid)
+        assert len(workers) == 2, workers
+        killed_at = time.monotonic()
+        os.kill(workers[-1], signal.SIGKILL)  # as the kernel's OOM killer would
+        (output,) = finish([proc], timeout=120)  # far below the 600 s collective timeout
+        assert time.monotonic() - killed_at < 120
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 5, output[-3000:]
+    assert "was killed by SIGKILL" in output and "resume=auto" in output
+    wait_group_gone(proc.pid)
+    load_state(sorted((out / "checkpoints").glob("checkpoint_*.pt"))[-1])  # what was saved is usable
