@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ignite.distributed as idist
 import torch
@@ -63,19 +63,25 @@ def prepare_output_dir(cfg: Config) -> Path:
     return out
 
 
-def shared_output_dir(cfg: Config) -> Path:
-    """Rank 0 decides (and creates) the folder; every rank gets the same path or the same error."""
-    result: Any = None
+def decide_on_rank_zero(decide: Callable[[], str], error: type[Exception]) -> str:
+    """Run ``decide`` on rank 0 and give every rank its result, or raise its error on every rank
+    (an error raised on rank 0 alone would leave the others waiting in the broadcast)."""
+    result = ""
     if idist.get_rank() == 0:
         try:
-            result = str(prepare_output_dir(cfg))
-        except OutputDirError as e:
+            result = decide()
+        except error as e:
             result = "ERROR:" + str(e)
     if idist.get_world_size() > 1:
         result = idist.broadcast(result, src=0, safe_mode=True)
     if result.startswith("ERROR:"):
-        raise OutputDirError(result[len("ERROR:") :])
-    return Path(result)
+        raise error(result[len("ERROR:") :])
+    return result
+
+
+def shared_output_dir(cfg: Config) -> Path:
+    """Rank 0 decides (and creates) the folder; every rank gets the same path or the same error."""
+    return Path(decide_on_rank_zero(lambda: str(prepare_output_dir(cfg)), OutputDirError))
 
 
 def shared_resume_checkpoint(cfg: Config, output_dir: Path) -> Path | None:
@@ -86,17 +92,12 @@ def shared_resume_checkpoint(cfg: Config, output_dir: Path) -> Path | None:
     """
     if cfg.resume is None:
         return None
-    result = ""
-    if idist.get_rank() == 0:
-        try:
-            found = find_resume_checkpoint(cfg.resume, output_dir)
-            result = str(found.resolve()) if found is not None else ""
-        except CheckpointError as e:
-            result = "ERROR:" + str(e)
-    if idist.get_world_size() > 1:
-        result = idist.broadcast(result, src=0, safe_mode=True)
-    if result.startswith("ERROR:"):
-        raise CheckpointError(result[len("ERROR:") :])
+
+    def pick() -> str:
+        found = find_resume_checkpoint(cfg.resume, output_dir)
+        return str(found.resolve()) if found is not None else ""
+
+    result = decide_on_rank_zero(pick, CheckpointError)
     if not result:
         return None
     if not Path(result).is_file():
