@@ -379,27 +379,6 @@ def bench_model_step(table: Table, device: torch.device, b: int, mu: int, steps:
 # ---------------------------------------------------------------- 4. full training step through the Engine
 
 
-class BatchedAugmentTransform:
-    """batch_transform for create_trainer: uint8 images + parameter rows -> normalised views on the device."""
-
-    def __init__(self, views: Views, channels_last: bool) -> None:
-        self.views = views
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        def norm(x: torch.Tensor) -> torch.Tensor:
-            return B.normalize(x, MEAN, STD, memory_format=self.memory_format)
-
-        out = dict(batch)
-        out["x"] = norm(self.views.weak(batch.pop("x_u8").contiguous(), batch.pop("x_weak")))
-        u = batch.pop("u_u8").contiguous()
-        out["u_w"] = norm(self.views.weak(u, batch.pop("u_weak")))
-        out["u_s"] = norm(self.views.strong(u, batch.pop("u_strong")))
-        for key in ("x_u8", "x_weak", "u_u8", "u_weak", "u_strong"):
-            out.pop(key, None)
-        return out
-
-
 def pil_stream(pool: np.ndarray, b: int, mu: int, views: Views) -> Iterator[dict[str, torch.Tensor]]:
     """Reference-style data: every image through PIL, one at a time, in the training process."""
     for step in itertools.count():
@@ -410,18 +389,13 @@ def pil_stream(pool: np.ndarray, b: int, mu: int, views: Views) -> Iterator[dict
 
 
 def batched_stream(pool_t: torch.Tensor, b: int, mu: int, views: Views) -> Iterator[dict[str, torch.Tensor]]:
-    """Our data: uint8 images and per-sample parameter rows; the augmentation runs in batch_transform."""
+    """Our data (data.augment=batched): uint8 images and per-sample draws; BatchedAugment augments on the device."""
     for step in itertools.count():
         lab = range(step * b, (step + 1) * b)
         rows = [views.weak.sample(random.Random(hash_seed(0, 0, p)), (SIZE, SIZE)) for p in lab]
         u, pw, ps = batched_unlabeled_params(pool_t, range(step * b * mu, (step + 1) * b * mu), views)
-        yield {
-            "x_u8": pool_t.index_select(0, torch.tensor([p % len(pool_t) for p in lab])),
-            "x_weak": torch.tensor(rows, dtype=torch.float64),
-            "y": torch.zeros(b, dtype=torch.long),
-            "u_u8": u, "u_weak": pw, "u_strong": ps,
-            "u_y": torch.zeros(b * mu, dtype=torch.long),
-        }
+        labeled = (pool_t.index_select(0, torch.tensor([p % len(pool_t) for p in lab])), torch.tensor(rows, dtype=torch.float64), torch.zeros(b, dtype=torch.long))
+        yield B.BatchedAugment.batch(labeled, (u, pw, ps, torch.zeros(b * mu, dtype=torch.long)))
 
 
 def engine_images_per_s(make_trainer: Callable[[], Any], data: Iterator, iters: int, images: int, device: torch.device) -> float:
@@ -449,7 +423,9 @@ def bench_full_step(table: Table, device: torch.device, b: int, mu: int, steps: 
     ours = StepConfig(True, compile_on, bf16_supported(device))
     setups = {
         "reference style: NCHW, eager, fp32, PIL per image": (StepConfig(False, False, False), None, pil_stream(pool, b, mu, views)),
-        f"ours: {ours.name}, batched augmentation": (ours, BatchedAugmentTransform(views, True), batched_stream(pool_t, b, mu, views)),
+        f"ours: {ours.name}, batched augmentation": (
+            ours, B.BatchedAugment("reference", PAD, "constant", True, MEAN, STD, channels_last=True), batched_stream(pool_t, b, mu, views)
+        ),
     }
     contenders = {}
     for name, (cfg, transform, data) in setups.items():
@@ -573,11 +549,30 @@ def bench_overhead(table: Table, device: torch.device, iters: int, rounds: int) 
             table.add(section, "our Engine + default handlers", "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
         with threads(1):  # per-iteration Python cost; one thread keeps a tiny model's kernels from thrashing
             results = alternate(contenders, rounds)
-    base = statistics.median(results["bare loop (the same update function)"])
+    bare_name = "bare loop (the same update function)"
+    base = statistics.median(results[bare_name])
     for name, values in results.items():
         med = statistics.median(values)
-        note = "" if name.startswith("bare") else f"{med - base:+.0f} us/iteration ({(med - base) / base:+.1%})"
+        note = ""
+        if name != bare_name:  # paired by round: both ran back to back under the same load
+            diff = statistics.median(v - b for v, b in zip(values, results[bare_name]))
+            note = f"{diff:+.0f} us/iteration ({diff / base:+.1%}, median of paired rounds)"
         table.add(section, name, f"{med:,.0f} us/it ({min(values):,.0f}-{max(values):,.0f})", note)
+    table.add(section, "Engine event loop alone (empty update)", f"{engine_floor_us():.1f} us/it", "what Ignite itself adds per iteration")
+
+
+def engine_floor_us(iters: int = 5000) -> float:
+    """Per-iteration cost of the Engine with an update that does nothing."""
+    from ignite.engine import Engine, Events
+
+    trainer, marks = Engine(lambda engine, batch: batch), {}
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=10) | Events.ITERATION_COMPLETED(once=iters))
+    def _mark(engine: Any) -> None:
+        marks[engine.state.iteration] = time.perf_counter()
+
+    trainer.run(itertools.cycle([0]), max_iters=iters, epoch_length=iters)
+    return (marks[iters] - marks[10]) / (iters - 10) * 1e6
 
 
 # ---------------------------------------------------------------- main
@@ -599,7 +594,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     quick, gpu = args.quick, device.type == "cuda"
-    rounds = args.rounds or (2 if quick else 3)
+    rounds = args.rounds or (2 if quick else 4)
     compile_on = args.compile == "on" or (args.compile == "auto" and not quick)
     b = args.labeled or (64 if gpu else (2 if quick else 4))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -624,7 +619,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if "full" not in skip:
         bench_full_step(table, device, b, 7, 20 if gpu else (1 if quick else 2), rounds, compile_on, peak)
     if "overhead" not in skip:
-        bench_overhead(table, device, 200 if quick else 600, rounds)
+        bench_overhead(table, device, 150 if quick else 300, 3 * rounds)
     table.add("6. end", "load average at end", " ".join(f"{x:.1f}" for x in os.getloadavg()))
 
     print(f"# python -m benchmarks.run {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())

@@ -57,6 +57,9 @@ class DataConfig:
     eval_batch_size: int = 1024  # over all processes
     num_workers: int = 4  # data-loading processes per training process
     randaugment: Literal["reference", "official"] = "reference"
+    # pil: per-image PIL augmentation in the loader workers. batched: the loaders carry uint8 images
+    # and the same per-sample draws; the trainer augments the whole batch on its device (GPU).
+    augment: Literal["pil", "batched"] = "pil"
     pad_mode: Literal["constant", "reflect"] = "constant"  # reference pads with zeros, official reflects
     # Random horizontal flip in both views; null: on, except for digits (svhn, digits).
     flip: Optional[bool] = None

@@ -16,13 +16,14 @@ import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ignite_fixmatch.augment import StrongView, WeakView, to_normalized_tensor
+from ignite_fixmatch.augment_batched import BatchedAugment, collate_columns
 from ignite_fixmatch.config import Config, ConfigError
 from ignite_fixmatch.datasets import DataSources, ImageSource, build_sources
 from ignite_fixmatch.preemption import ignore_stop_signals
@@ -173,6 +174,8 @@ class FixMatchData:
     strong: StrongView
     eval_view: Callable
     flip: bool
+    # data.augment=batched: the trainer's batch_transform; the loaders then yield uint8 images + draws
+    batched: Optional[BatchedAugment] = None
 
 
 def view_settings(cfg: Config, sources: DataSources) -> dict[str, Any]:
@@ -202,7 +205,10 @@ def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
     settings = view_settings(cfg, sources)
     weak = WeakView(**settings)
     strong = StrongView(cfg.data.randaugment, **settings)
-    return FixMatchData(sources, labeled, unlabeled, weak, strong, eval_view_for(sources), settings["flip"])
+    batched = None
+    if cfg.data.augment == "batched":
+        batched = BatchedAugment(cfg.data.randaugment, channels_last=cfg.model.channels_last, **settings)
+    return FixMatchData(sources, labeled, unlabeled, weak, strong, eval_view_for(sources), settings["flip"], batched)
 
 
 def eval_view_for(sources: DataSources) -> Callable:
@@ -263,11 +269,18 @@ class FixMatchStream:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         d, cfg, start = self.data, self.cfg, self.start_iteration()
-        labeled_ds = AugmentedDataset(d.sources.train, d.labeled_indices, [d.weak], cfg.seed, LABELED)
-        unlabeled_ds = AugmentedDataset(d.unlabeled, np.arange(len(d.unlabeled)), [d.weak, d.strong], cfg.seed, UNLABELED)
+        if d.batched is not None:  # uint8 images + the same per-sample draws; the trainer augments
+            views_l, views_u = d.batched.labeled_views(), d.batched.unlabeled_views()
+            collate_l = collate_u = collate_columns
+        else:
+            views_l, views_u, collate_l, collate_u = [d.weak], [d.weak, d.strong], _collate_labeled, _collate_unlabeled
+        labeled_ds = AugmentedDataset(d.sources.train, d.labeled_indices, views_l, cfg.seed, LABELED)
+        unlabeled_ds = AugmentedDataset(d.unlabeled, np.arange(len(d.unlabeled)), views_u, cfg.seed, UNLABELED)
         b = cfg.data.batch_size
-        lx = iter(self._loader(labeled_ds, len(labeled_ds), b, LABELED, _collate_labeled, start))
-        ux = iter(self._loader(unlabeled_ds, len(unlabeled_ds), b * cfg.data.mu, UNLABELED, _collate_unlabeled, start))
+        lx = iter(self._loader(labeled_ds, len(labeled_ds), b, LABELED, collate_l, start))
+        ux = iter(self._loader(unlabeled_ds, len(unlabeled_ds), b * cfg.data.mu, UNLABELED, collate_u, start))
+        while d.batched is not None:
+            yield d.batched.batch(next(lx), next(ux))
         while True:
             x, y = next(lx)
             u_w, u_s, u_y = next(ux)

@@ -10,6 +10,7 @@ pixels (in practice none here). Normalised float outputs must be bit-identical t
 from __future__ import annotations
 
 import collections
+import json
 import math
 import random
 
@@ -297,6 +298,13 @@ def test_clear_errors():
         B.BatchedView(None, 4, "wrap", True)
 
 
+def test_histogram_without_bincount_counts_the_same():
+    """The GPU histogram (index_add_, no host sync) gives bincount's counts."""
+    index = torch.randint(0, 512, (5000,), dtype=torch.int32)
+    assert torch.equal(B._counts(index, 600, use_bincount=False), B._counts(index, 600, use_bincount=True))
+    assert B._counts(index, 600, use_bincount=False).sum() == 5000
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_gives_the_cpu_images():
     view = B.BatchedView("reference", 4, "constant", True)
@@ -305,3 +313,54 @@ def test_cuda_gives_the_cpu_images():
     expected = view(x, params)
     assert torch.equal(view(x.cuda(), params.cuda()).cpu(), expected)  # mask grouping on the device
     assert torch.equal(view(x.cuda(), params).cpu(), expected)  # index grouping from host params
+
+
+# ---------------------------------------------------------------- wired: data.augment=batched
+
+
+def _stream(overrides: list[str], start: int = 0):
+    from ignite_fixmatch.config import load_config
+    from ignite_fixmatch.data import FixMatchStream, build_data, sources_from_config
+
+    cfg = load_config(None, ["data.num_workers=0", *overrides])
+    data = build_data(cfg, sources_from_config(cfg))
+    return data, iter(FixMatchStream(data, cfg, 0, 1, start_iteration=lambda: start))
+
+
+@pytest.mark.parametrize("dataset", ["digits", "folder"])
+def test_batched_stream_gives_the_pil_streams_batches(dataset, tmp_path):
+    """Same samples, same draws: the trainer's batch_transform rebuilds the PIL loaders' tensors."""
+    if dataset == "digits":  # 8x8 grey
+        base = ["data.name=digits", "data.num_labels=50", "data.batch_size=10", "data.mu=2"]
+    else:  # 16x16 RGB files, official RandAugment, reflect padding
+        import datagen
+
+        root = datagen.make_image_folder(tmp_path / "images", n_train_per_class=8, size=(16, 16))
+        base = ["data.name=folder", f"data.root={root}", "data.num_labels=6", "data.batch_size=6", "data.mu=3",
+                "data.randaugment=official", "data.pad_mode=reflect"]
+    _, pil = _stream(base)
+    data, batched = _stream([*base, "data.augment=batched"])
+    assert data.batched is not None
+    for _ in range(3):
+        expected, raw = next(pil), next(batched)
+        assert raw["x"].dtype == raw["u"].dtype == torch.uint8 and raw["u_strong"].dtype == torch.float64
+        got = data.batched(raw)
+        assert set(got) == set(expected) == {"x", "y", "u_w", "u_s", "u_y"}
+        for key in ("x", "y", "u_w", "u_y"):
+            assert torch.equal(got[key], expected[key]), key
+        assert (got["u_s"] != expected["u_s"]).float().mean().item() <= AFFINE_TOLERANCE
+        assert got["u_s"].is_contiguous(memory_format=torch.channels_last)  # model.channels_last is the default
+    _, resumed = _stream([*base, "data.augment=batched"], start=2)  # resume needs no sampler state
+    assert torch.equal(next(resumed)["u_strong"].nan_to_num(-1.0), raw["u_strong"].nan_to_num(-1.0))
+
+
+def test_cli_trains_with_batched_augmentation(tmp_path):
+    """The real CLI: data.augment=batched reaches the trainer and a short run finishes."""
+    from helpers import cli, make_folder, tiny_overrides
+
+    out = tmp_path / "run"
+    args = tiny_overrides(make_folder(tmp_path), out, "data.augment=batched", "train.num_iters=4", "train.epoch_length=2")
+    result = cli(["configs/quickstart.yaml", *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "augment: batched" in (out / "config.yaml").read_text()
+    assert json.loads((out / "results.json").read_text())["iteration"] == 4
