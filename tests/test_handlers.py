@@ -118,3 +118,30 @@ def test_a_user_handler_loaded_by_dotted_path_fires_and_is_checkpointed(tmp_path
     assert result.stderr.count("MaskRateAlarm: mask_rate below 1.000 for 4 iterations") == 5  # 20 iterations / 4
     state = load_state(out / "checkpoints" / "checkpoint_20.pt")
     assert state["mask_rate_alarm"] == {"low_for": 0, "alarms": 5}
+
+
+@pytest.mark.parametrize("buffers", ["copy", "update"])
+def test_fused_ema_update_equals_ignites_loop(tmp_path, buffers):
+    from ignite.handlers import EMAHandler
+
+    from handlers.ema import ForeachEMAHandler
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 3))
+    ours = ForeachEMAHandler(model, momentum=0.01, handle_buffers=buffers)
+    ignites = EMAHandler(model, momentum=0.01, handle_buffers=buffers)
+
+    def step(engine, batch):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()
+        model(torch.randn(2, 3, 8, 8))  # moves the batch-norm statistics
+        return {}
+
+    trainer = Engine(step)
+    ours.attach(trainer, name="m1")
+    ignites.attach(trainer, name="m2")
+    trainer.run([0] * 5, max_epochs=1)
+    for a, b in zip(ours.ema_model.state_dict().values(), ignites.ema_model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
