@@ -4,15 +4,41 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import timedelta
 
+import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
-from ignite_fixmatch.plugins import Context, step_scalars
+from ignite_fixmatch.plugins import Context
+
+AVERAGED = ("loss", "loss_x", "loss_u", "mask_rate")
+
+
+class WindowAverage:
+    """Mean of the step metrics over the iterations since the last read. Summed on the device every
+    iteration (no host sync), turned into floats only when shown."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def update(self, engine: Engine) -> None:
+        out = engine.state.output
+        for key in AVERAGED:
+            value = out[key].detach()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.count += 1
+
+    def read(self) -> dict[str, float]:
+        means = {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
 
 
 class Progress:
-    """Iteration, ETA, running loss and mask rate. ``mode``: auto (bar if stdout is a terminal), bar, log."""
+    """Iteration, speed, ETA, and loss, loss_x, loss_u, mask rate averaged over the last ``every``
+    iterations. ``mode``: auto (a bar if stdout is a terminal), bar, log."""
 
     rank_zero_only = True
 
@@ -24,26 +50,30 @@ class Progress:
         self.every, self.mode = every, mode
 
     def attach(self, ctx: Context) -> None:
+        trainer = ctx.trainer
+        window = WindowAverage()
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, window.update)
         use_bar = self.mode == "bar" or (self.mode == "auto" and sys.stdout.isatty())
         if use_bar:
-            bar = ProgressBar(persist=False)
-            bar.attach(ctx.trainer, output_transform=lambda out: {k: float(out[k]) for k in ("loss", "mask_rate")}, event_name=Events.ITERATION_COMPLETED(every=self.every))
+            ProgressBar(persist=False).attach(
+                trainer, output_transform=lambda _: window.read(), event_name=Events.ITERATION_COMPLETED(every=self.every)
+            )
             return
         logger, total = ctx.logger, ctx.config.train.num_iters
         start: dict[str, float] = {}
 
-        @ctx.trainer.on(Events.STARTED)
+        @trainer.on(Events.STARTED)
         def _started(engine: Engine) -> None:
             start["time"], start["iteration"] = time.perf_counter(), engine.state.iteration
 
-        @ctx.trainer.on(Events.ITERATION_COMPLETED(every=self.every))
+        @trainer.on(Events.ITERATION_COMPLETED(every=self.every))
         def _log(engine: Engine) -> None:
             done = engine.state.iteration - start["iteration"]
             elapsed = time.perf_counter() - start["time"]
             eta = elapsed / max(done, 1) * (total - engine.state.iteration)
-            s = step_scalars(engine)
+            m = window.read()
             logger.info(
                 "iteration %d/%d  loss %.4f  loss_x %.4f  loss_u %.4f  mask_rate %.3f  lr %.5f  %.1f it/s  ETA %s",
-                engine.state.iteration, total, s["loss"], s["loss_x"], s["loss_u"], s["mask_rate"], s["lr"],
-                done / max(elapsed, 1e-9), time.strftime("%H:%M:%S", time.gmtime(eta)),
+                engine.state.iteration, total, m["loss"], m["loss_x"], m["loss_u"], m["mask_rate"],
+                engine.state.output["lr"], done / max(elapsed, 1e-9), timedelta(seconds=int(eta)),
             )

@@ -145,3 +145,21 @@ def test_fused_ema_update_equals_ignites_loop(tmp_path, buffers):
     trainer.run([0] * 5, max_epochs=1)
     for a, b in zip(ours.ema_model.state_dict().values(), ignites.ema_model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def test_progress_averages_the_window_since_the_last_line(tmp_path, caplog):
+    losses = iter(float(i) for i in range(1, 100))
+
+    def step(engine, batch):
+        v = next(losses)
+        return {"loss": torch.tensor(v), "loss_x": torch.tensor(v), "loss_u": torch.tensor(0.0), "mask_rate": torch.tensor(0.5), "lr": 0.03}
+
+    ctx = make_ctx(tmp_path, nn.Linear(2, 2), 8, step)
+    ctx.logger = logging.getLogger("progress-test")
+    attach_all(build_handlers([HandlerSpec("progress", {"every": 4, "mode": "log"})]), ctx)
+    with caplog.at_level(logging.INFO, logger="progress-test"):
+        ctx.trainer.run([0] * 8, max_epochs=1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "iteration 4/8  loss 2.5000" in lines[0] and "iteration 8/8  loss 6.5000" in lines[1]  # means of 1-4 and 5-8
+    assert "mask_rate 0.500" in lines[0] and "ETA" in lines[0]
