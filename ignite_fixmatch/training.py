@@ -181,13 +181,12 @@ def model_from_config(cfg: Config, num_classes: int, in_channels: int) -> torch.
 
 def training(local_rank: int, cfg: Config) -> dict[str, Any]:
     """Run (or resume) one process of a FixMatch run. Returns the final results dict on rank 0."""
-    rank, world_size = idist.get_rank(), idist.get_world_size()
+    rank, world_size, device = idist.get_rank(), idist.get_world_size(), idist.device()
     check_divisible(cfg, world_size)
-    check_sync_bn(cfg, world_size, idist.device())
+    check_sync_bn(cfg, world_size, device)
     logger = setup_logger(LOGGER_NAME, level=logging.INFO, distributed_rank=rank, reset=True)
     handlers = build_handlers(cfg.handlers)  # a bad handler param fails here, before data or model
     output_dir = shared_output_dir(cfg)
-    device = idist.device()
     if rank == 0:
         log_file = logging.FileHandler(output_dir / "train.log", encoding="utf-8")
         log_file.setFormatter(logger.handlers[0].formatter)
