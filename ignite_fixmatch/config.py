@@ -59,7 +59,8 @@ class DataConfig:
     randaugment: Literal["reference", "official"] = "reference"
     # pil: per-image PIL augmentation in the loader workers. batched: the loaders carry uint8 images
     # and the same per-sample draws; the trainer augments the whole batch on its device (GPU).
-    augment: Literal["pil", "batched"] = "pil"
+    # auto: batched on a GPU, pil on a CPU.
+    augment: Literal["auto", "pil", "batched"] = "auto"
     pad_mode: Literal["constant", "reflect"] = "constant"  # reference pads with zeros, official reflects
     # Random horizontal flip in both views; null: on, except for digits (svhn, digits).
     flip: Optional[bool] = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -184,6 +185,12 @@ def view_settings(cfg: Config, sources: DataSources) -> dict[str, Any]:
     return dict(pad=int(round(size * PAD_FRACTION)), pad_mode=cfg.data.pad_mode, flip=flip, mean=sources.mean, std=sources.std)
 
 
+def use_batched_augment(setting: str, device: torch.device) -> bool:
+    """auto: batched on a GPU (augmentation on the device, the CPU only decodes); PIL in the loader
+    workers on a CPU, where they overlap with the step instead of adding to it."""
+    return setting == "batched" or (setting == "auto" and device.type == "cuda")
+
+
 def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
     split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
     labeled = split_labeled(sources.train.targets, cfg.data.num_labels, sources.num_classes, split_seed)
@@ -206,7 +213,7 @@ def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
     weak = WeakView(**settings)
     strong = StrongView(cfg.data.randaugment, **settings)
     batched = None
-    if cfg.data.augment == "batched":
+    if use_batched_augment(cfg.data.augment, idist.device()):
         batched = BatchedAugment(cfg.data.randaugment, channels_last=cfg.model.channels_last, **settings)
     return FixMatchData(sources, labeled, unlabeled, weak, strong, eval_view_for(sources), settings["flip"], batched)
 

@@ -101,3 +101,13 @@ def test_labeled_images_can_be_left_out_of_the_unlabeled_stream():
     sources = build_sources("digits", "unused")
     data = build_data(cfg, sources)
     assert len(data.unlabeled) == len(sources.train) - 50
+
+
+def test_augment_auto_is_batched_on_gpu_and_pil_on_cpu():
+    from ignite_fixmatch.data import use_batched_augment
+
+    assert use_batched_augment("auto", torch.device("cuda", 0)) is True
+    assert use_batched_augment("auto", torch.device("cpu")) is False
+    assert use_batched_augment("batched", torch.device("cpu")) is True
+    assert use_batched_augment("pil", torch.device("cuda", 0)) is False
+    assert load_config(None).data.augment == "auto"
