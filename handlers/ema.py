@@ -15,6 +15,7 @@ class ForeachEMAHandler(EMAHandler):
     iteration, which shows next to a GPU step of about 10 ms."""
 
     _pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    _buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _update_ema_model(self, engine: Engine, name: str) -> None:
         if self.handle_buffers == "ema_train":  # not used here; keep Ignite's behaviour
@@ -24,14 +25,21 @@ class ForeachEMAHandler(EMAHandler):
         momentum = getattr(engine.state, name)
         torch._foreach_lerp_(self._pairs[0], self._pairs[1], momentum)  # ema += m * (w - ema)
         if self.handle_buffers == "copy":
-            for ema_b, model_b in zip(self.ema_model.buffers(), self.model.buffers()):
-                ema_b.data = model_b.data
+            for ema_b, model_b in self._buffer_pairs():
+                if ema_b.data_ptr() != model_b.data_ptr():  # shared after the first copy: nothing to do
+                    ema_b.data = model_b.data
         else:  # "update": average float buffers, copy integer ones (batch counters)
             for ema_b, model_b in zip(self.ema_model.buffers(), self.model.buffers()):
                 if ema_b.is_floating_point():
                     ema_b.lerp_(model_b, momentum)
                 else:
                     ema_b.data = model_b.data
+
+
+    def _buffer_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._buffers is None:
+            self._buffers = list(zip(self.ema_model.buffers(), self.model.buffers()))
+        return self._buffers
 
 
 class EMA:

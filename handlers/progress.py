@@ -20,20 +20,24 @@ class WindowAverage:
     iteration (no host sync), turned into floats only when shown."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: torch.Tensor | None = None
         self.count = 0
 
     def update(self, engine: Engine) -> None:
         out = engine.state.output
-        for key in AVERAGED:
-            value = out[key].detach()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        values = torch.stack([out[key].detach() for key in AVERAGED])
+        if self.sums is None:
+            self.sums = values
+        else:
+            self.sums.add_(values)
         self.count += 1
 
     def read(self) -> dict[str, float]:
-        means = {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
-        self.sums, self.count = {}, 0
-        return means
+        if self.sums is None:
+            return {}
+        means = (self.sums / self.count).tolist()
+        self.sums, self.count = None, 0
+        return dict(zip(AVERAGED, means))
 
 
 class Progress:
