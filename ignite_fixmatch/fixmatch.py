@@ -141,12 +141,16 @@ def create_trainer(
     channels_last: bool = False,
     scaler: torch.amp.GradScaler | None = None,
     batch_transform: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
+    compile_model: bool = False,
 ) -> Engine:
     """An Engine whose iteration is one FixMatch update on a batch dict (x, y, u_w, u_s, u_y).
 
     ``scaler``: a GradScaler for float16 AMP (the caller owns it, so the checkpoint can hold it).
     ``batch_transform`` runs on the device before the forward (e.g. batched augmentation on the GPU).
+    ``compile_model``: the forward goes through ``torch.compile(model)``, a wrapper that shares the
+    model's parameters; the model itself (its state dict, the EMA copy, evaluation) stays uncompiled.
     """
+    net = torch.compile(model) if compile_model else model
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def to_device(t: Tensor) -> Tensor:
@@ -160,7 +164,7 @@ def create_trainer(
             batch = batch_transform(batch)
         with autocast_context(device, amp, amp_dtype):
             out = fixmatch_forward(
-                model,
+                net,
                 batch["x"],
                 batch["y"],
                 batch["u_w"],

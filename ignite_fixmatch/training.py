@@ -221,6 +221,7 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         threshold=cfg.fixmatch.threshold, lambda_u=cfg.fixmatch.lambda_u, hard_label=cfg.fixmatch.hard_label,
         T=cfg.fixmatch.T, use_interleave=cfg.fixmatch.interleave, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
         channels_last=m.channels_last, scaler=scaler, batch_transform=data.batched,
+        compile_model=m.compile == "on" or (m.compile == "auto" and device.type == "cuda"),
     )
     trainer.logger = setup_logger("trainer", level=logging.WARNING, distributed_rank=rank)
     attach_step_timer(trainer)

@@ -155,3 +155,26 @@ def test_engine_step_updates_weights_and_returns_flat_metrics(amp):
     assert out["loss"].item() == pytest.approx(out["loss_x"].item() + out["loss_u"].item(), rel=1e-4)
     assert out["lr"] == 0.1
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_compiled_step_matches_eager_and_keeps_the_model_plain():
+    def run(compile_model):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = create_trainer(model, opt, torch.device("cpu"), threshold=0.0, lambda_u=1.0, hard_label=True, T=1.0, compile_model=compile_model)
+        trainer.run([_batch()] * 2, max_epochs=1)
+        return model, trainer.state.output
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager, out_e = run(False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    compiled, out_c = run(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the forward really was compiled
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefix: checkpoints stay portable
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert out_c["loss"].item() == pytest.approx(out_e["loss"].item(), rel=1e-4)
