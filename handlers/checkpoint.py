@@ -8,7 +8,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
 from ignite_fixmatch.plugins import Context
-from ignite_fixmatch.resume import CHECKPOINT_DIR, CheckpointWriteError, checkpoint_iteration, list_checkpoints
+from ignite_fixmatch.resume import CHECKPOINT_DIR, CheckpointWriteError, checkpoint_iteration, list_checkpoints, newest_checkpoint
 
 
 def best_score(path: Path) -> float:
@@ -108,8 +108,7 @@ class Checkpointing:
         try:
             checkpoint(trainer)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-            found = self._files(best=False)
-            last = str(found[-1]) if found else "none"
+            last = newest_checkpoint(self.run_dir) or "none"
             raise CheckpointWriteError(
                 f"could not write the checkpoint of iteration {trainer.state.iteration} to {self.folder}: {e}. "
                 f"The last complete checkpoint is {last}. Free disk space (or fix the folder's permissions), then resume=auto."

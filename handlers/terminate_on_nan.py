@@ -8,7 +8,7 @@ from ignite.engine import Engine, Events
 
 from ignite_fixmatch.fixmatch import NonFiniteLossError
 from ignite_fixmatch.plugins import Context
-from ignite_fixmatch.resume import list_checkpoints
+from ignite_fixmatch.resume import newest_checkpoint
 
 
 class StopOnNonFinite:
@@ -25,8 +25,7 @@ class StopOnNonFinite:
         def check(engine: Engine) -> None:
             value = float(engine.state.output[self.key])
             if not math.isfinite(value):
-                found = list_checkpoints(self.output_dir)
-                last = str(found[-1]) if found else "none saved yet"
+                last = newest_checkpoint(self.output_dir) or "none saved yet"
                 raise NonFiniteLossError(
                     f"{self.key} is {value} at iteration {engine.state.iteration}: training diverged and was stopped. "
                     f"Last good checkpoint: {last}. Lower optim.lr, switch amp off, or resume=auto to retry from it."

@@ -29,7 +29,7 @@ from ignite_fixmatch.config import DATASETS, Config, ConfigError, from_dict
 from ignite_fixmatch.data import EvalDataset, eval_view_for, sources_from_config
 from ignite_fixmatch.datasets import DataError, DataSources
 from ignite_fixmatch.evaluation import create_evaluator
-from ignite_fixmatch.resume import CheckpointError, _shape_mismatches, list_checkpoints, read_checkpoint
+from ignite_fixmatch.resume import CheckpointError, newest_checkpoint, read_checkpoint, shape_mismatches
 from ignite_fixmatch.training import model_from_config
 
 EXIT_USER_ERROR = 2  # bad checkpoint, data or option: nothing was evaluated
@@ -53,10 +53,10 @@ def resolve_checkpoint(path: Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist. Give a .pt file written by training, or a run folder.")
     run_dir = path.parent if path.name == "checkpoints" else path
-    found = list_checkpoints(run_dir)
-    if not found:
+    found = newest_checkpoint(run_dir)
+    if found is None:
         raise CheckpointError(f"{str(path)!r} is a folder without checkpoints (no checkpoints/checkpoint_<iteration>.pt). Give a .pt file.")
-    return found[-1]
+    return found
 
 
 def config_of(ckpt: Mapping[str, Any], path: Path) -> Config:
@@ -131,12 +131,11 @@ def build_loaded_model(cfg: Config, sources: DataSources, state: Any, path: Path
             f"{sources.num_classes}: {', '.join(sources.classes)}. Evaluate it on the data set it was trained on "
             "(--data/--data-root), with the same class folders."
         )
-    problems = _shape_mismatches(model, state)
+    problems = shape_mismatches(model, state, shown=3)
     if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not fit the model its config describes for {describe_data(cfg)} "
-            f"({sources.channels} channels, {sources.num_classes} classes): {shown}."
+            f"({sources.channels} channels, {sources.num_classes} classes): {problems}."
         )
     model.load_state_dict(state)
     return model

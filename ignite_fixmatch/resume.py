@@ -110,14 +110,19 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (checkpoint_iteration(p), not p.name.startswith("best")))
 
 
+def newest_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint ``resume: auto`` continues from, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
 def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
     """``resume: auto`` -> the newest checkpoint in the run's folder (None if there is none yet);
     a path -> that file, which must exist."""
     if resume is None:
         return None
     if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        return newest_checkpoint(output_dir)
     path = Path(resume)
     if not path.is_file():
         raise CheckpointError(f"resume: checkpoint {str(path)!r} does not exist. Give an existing .pt file, or resume=auto.")
@@ -152,7 +157,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _shape_mismatches(model: torch.nn.Module, state: Mapping[str, Any]) -> list[str]:
+def shape_mismatches(model: torch.nn.Module, state: Mapping[str, Any], shown: int = 5) -> str:
+    """What differs between a model and a state dict (missing keys, other shapes), the first ``shown``
+    items and a count of the rest; empty when the state fits."""
     own = model.state_dict()
     problems = []
     for k in sorted(set(own) | set(state)):
@@ -162,7 +169,8 @@ def _shape_mismatches(model: torch.nn.Module, state: Mapping[str, Any]) -> list[
             problems.append(f"{k}: not in this model")
         elif hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape):
             problems.append(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-    return problems
+    rest = len(problems) - shown
+    return "; ".join(problems[:shown]) + (f"; and {rest} more" if rest > 0 else "")
 
 
 def load_into(to_load: Mapping[str, Any], path: Path) -> dict[str, Any]:
@@ -181,11 +189,10 @@ def load_into(to_load: Mapping[str, Any], path: Path) -> dict[str, Any]:
     for key, obj in to_load.items():
         module = getattr(obj, "module", obj)
         if isinstance(module, torch.nn.Module):
-            problems = _shape_mismatches(module, ckpt[key])
+            problems = shape_mismatches(module, ckpt[key])
             if problems:
-                shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
                 raise CheckpointError(
-                    f"checkpoint {str(path)!r} does not fit this model ({key}): {shown}. "
+                    f"checkpoint {str(path)!r} does not fit this model ({key}): {problems}. "
                     "It was trained with another model or data set (number of classes); use the config it was saved with."
                 )
     Checkpoint.load_objects(to_load, {k: ckpt[k] for k in to_load})

@@ -32,7 +32,7 @@ from ignite_fixmatch.resume import (
     ConfigRecord,
     RNGState,
     find_resume_checkpoint,
-    list_checkpoints,
+    newest_checkpoint,
     load_into,
 )
 
@@ -148,11 +148,6 @@ def attach_buffer_sync(trainer: Engine, model: torch.nn.Module) -> None:
             offset += b.numel()
 
 
-def _newest_checkpoint(output_dir: Path) -> str:
-    found = list_checkpoints(output_dir)
-    return str(found[-1]) if found else "none (no checkpoint handler)"
-
-
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     o = cfg.optim
     groups = parameter_groups(model, o.weight_decay, o.wd_rule)
@@ -248,7 +243,7 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
     attach_all(handlers, ctx)
     guard = PreemptionGuard(logger)
     guard.install()
-    guard.attach(trainer, ctx.save_checkpoint, lambda: _newest_checkpoint(output_dir))
+    guard.attach(trainer, ctx.save_checkpoint, lambda: str(newest_checkpoint(output_dir) or "none (no checkpoint handler)"))
 
     checkpoint = shared_resume_checkpoint(cfg, output_dir)
     if checkpoint is not None:
