@@ -173,8 +173,6 @@ class FixMatchData:
     unlabeled: Any  # ImageSource-like: len, load, targets
     weak: WeakView
     strong: StrongView
-    eval_view: Callable
-    flip: bool
     # data.augment=batched: the trainer's batch_transform; the loaders then yield uint8 images + draws
     batched: Optional[BatchedAugment] = None
 
@@ -215,7 +213,7 @@ def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
     batched = None
     if use_batched_augment(cfg.data.augment, idist.device()):
         batched = BatchedAugment(cfg.data.randaugment, channels_last=cfg.model.channels_last, **settings)
-    return FixMatchData(sources, labeled, unlabeled, weak, strong, eval_view_for(sources), settings["flip"], batched)
+    return FixMatchData(sources, labeled, unlabeled, weak, strong, batched)
 
 
 def eval_view_for(sources: DataSources) -> Callable:
@@ -294,13 +292,17 @@ class FixMatchStream:
             yield {"x": x, "y": y, "u_w": u_w, "u_s": u_s, "u_y": u_y}
 
 
-def build_eval_loader(data: FixMatchData, cfg: Config, rank: int, world_size: int, pin_memory: bool = False) -> DataLoader:
-    ds = EvalDataset(data.sources.test, data.eval_view)
+def build_eval_loader(
+    sources: DataSources, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+) -> DataLoader:
+    """The test split, this rank's shard, ``batch_size`` over all ranks; used by training and by
+    ``ignite_fixmatch.eval``, so a saved model is scored exactly as during training."""
+    ds = EvalDataset(sources.test, eval_view_for(sources))
     return DataLoader(
         ds,
-        batch_size=cfg.data.eval_batch_size // world_size,
+        batch_size=batch_size // world_size,
         sampler=ShardedEvalSampler(len(ds), rank, world_size),
-        num_workers=min(cfg.data.num_workers, 2),
+        num_workers=num_workers,
         pin_memory=pin_memory,
         worker_init_fn=ignore_stop_signals,
     )

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
 from ignite_fixmatch.config import DATASETS, Config, ConfigError, from_dict
-from ignite_fixmatch.data import EvalDataset, eval_view_for, sources_from_config
+from ignite_fixmatch.data import build_eval_loader, sources_from_config
 from ignite_fixmatch.datasets import DataError, DataSources
 from ignite_fixmatch.evaluation import create_evaluator
 from ignite_fixmatch.resume import CheckpointError, newest_checkpoint, read_checkpoint, shape_mismatches
@@ -184,11 +183,10 @@ def evaluate_checkpoint(
     sources = load_test_data(cfg, root_given=data_root is not None)
     net = build_loaded_model(cfg, sources, ckpt[MODEL_KEYS[which]], path, which).to(dev)
 
-    loader = DataLoader(
-        EvalDataset(sources.test, eval_view_for(sources)),
-        batch_size=batch_size or cfg.data.eval_batch_size,
-        shuffle=False,
-        num_workers=min(cfg.data.num_workers, 2) if num_workers is None else num_workers,
+    loader = build_eval_loader(
+        sources,
+        batch_size or cfg.data.eval_batch_size,
+        min(cfg.data.num_workers, 2) if num_workers is None else num_workers,
         pin_memory=dev.type == "cuda",
     )
     evaluator = create_evaluator(

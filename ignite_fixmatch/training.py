@@ -223,7 +223,7 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
     attach_buffer_sync(trainer, model)
     pin = device.type == "cuda"
     stream = FixMatchStream(data, cfg, rank, world_size, start_iteration=lambda: trainer.state.iteration, pin_memory=pin)
-    eval_loader = build_eval_loader(data, cfg, rank, world_size, pin_memory=pin)
+    eval_loader = build_eval_loader(sources, cfg.data.eval_batch_size, min(cfg.data.num_workers, 2), rank, world_size, pin)
 
     to_save: dict[str, Any] = {
         "trainer": trainer,

@@ -130,7 +130,7 @@ def _evaluate_saved_ema(cfg: Config, checkpoint: Path, rank: int, world_size: in
     model = model_from_config(cfg, data.sources.num_classes, data.sources.channels)
     model.load_state_dict(load_state(checkpoint)["ema_model"])
     evaluator = create_evaluator(model, torch.device("cpu"), num_classes=data.sources.num_classes, channels_last=cfg.model.channels_last)
-    metrics = evaluator.run(build_eval_loader(data, cfg, rank, world_size)).metrics
+    metrics = evaluator.run(build_eval_loader(data.sources, cfg.data.eval_batch_size, 0, rank, world_size)).metrics
     return {"top1": 100.0 * metrics["top1"], "top5": 100.0 * metrics["top5"], "loss": metrics["loss"]}
 
 
@@ -186,7 +186,7 @@ def train_and_evaluate(local_rank: int, cfg: Config, out: str, steps: int) -> No
         seen.add_(engine.state.output[1].numel())
 
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, count)
-    metrics = evaluator.run(build_eval_loader(data, cfg, rank, world_size)).metrics
+    metrics = evaluator.run(build_eval_loader(data.sources, cfg.data.eval_batch_size, 0, rank, world_size)).metrics
     seen_per_rank = idist.all_gather(seen)
     if rank == 0:
         weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
