@@ -122,6 +122,16 @@ class DataError(ValueError):
 # compact path storage
 # ----------------------------------------------------------------------------
 
+def _normalise_index(i: int, n: int, what: str, unit: str) -> int:
+    """Python's indexing rules (negative from the end) for ``n`` items, IndexError outside them."""
+    i = int(i)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"{what} {i} out of range for {n} {unit}")
+    return i
+
+
 class PathList(Sequence):
     """An immutable list of (relative) paths stored as one byte buffer plus offsets.
 
@@ -153,12 +163,7 @@ class PathList(Sequence):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"PathList index {i} out of range for {n} paths")
+        i = _normalise_index(i, len(self), "PathList index", "paths")
         return os.fsdecode(self._buf[self._off[i]:self._off[i + 1]].tobytes())
 
     @property
@@ -396,11 +401,7 @@ class ImageSource:
     def load(self, i: int) -> Image.Image:
         """Image ``i`` as a PIL image in ``self.mode`` (resized to ``image_size`` if set)."""
         n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"image index {i} out of range for {n} images")
+        i = _normalise_index(i, n, "image index", "images")
         if self.images is not None:
             return self._finish(Image.fromarray(np.asarray(self.images[i])))
         if i not in self._corrupt:
