@@ -10,7 +10,6 @@ substring, so the names are part of the contract.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

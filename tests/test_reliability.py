@@ -3,13 +3,10 @@
 Every failure is provoked for real on a real training subprocess.
 """
 
-import json
 import os
-import pickle
 import resource
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
