@@ -40,12 +40,13 @@ class Evaluation:
             raise ValueError("evaluation: models includes 'ema' but no ema handler is listed before it in handlers")
         cfg = ctx.config
         self.ctx = ctx
-        num_classes = ctx.data.sources.num_classes if ctx.data is not None else None
+        sources = ctx.data.sources
         nets = {"ema": ctx.ema_model, "raw": ctx.model}
         self.evaluators: dict[str, Engine] = {}
         for name in self.models:
             self.evaluators[name] = create_evaluator(
-                nets[name], ctx.device, num_classes=num_classes, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
+                nets[name], ctx.device, num_classes=sources.num_classes, mean=sources.mean, std=sources.std,
+                amp=cfg.amp, amp_dtype=cfg.amp_dtype,
                 channels_last=cfg.model.channels_last,
             )
             ctx.evaluators[name] = self.evaluators[name]

@@ -59,8 +59,13 @@ class DataConfig:
     randaugment: Literal["reference", "official"] = "reference"
     # pil: per-image PIL augmentation in the loader workers. batched: the loaders carry uint8 images
     # and the same per-sample draws; the trainer augments the whole batch on its device (GPU).
-    # auto: batched on a GPU, pil on a CPU.
-    augment: Literal["auto", "pil", "batched"] = "auto"
+    # device: the whole data set sits on the training device as uint8; each step gathers its images
+    # and draws its augmentation there (no loader workers, no per-image host work).
+    # auto: device on a GPU when the images are in memory and fit, else batched; pil on a CPU.
+    augment: Literal["auto", "pil", "batched", "device"] = "auto"
+    # Replay the batched augmentation (batched, device) as one recorded CUDA graph: the same kernels
+    # with one launch instead of hundreds. auto: on a GPU.
+    cuda_graph: Literal["auto", "on", "off"] = "auto"
     pad_mode: Literal["constant", "reflect"] = "constant"  # reference pads with zeros, official reflects
     # Random horizontal flip in both views; null: on, except for digits (svhn, digits).
     flip: Optional[bool] = None
@@ -145,7 +150,10 @@ def default_handlers() -> list[HandlerSpec]:
 class Config:
     output_dir: str = "runs/fixmatch"
     seed: int = 0
-    amp: bool = False  # mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (see amp_dtype)
+    # Mixed precision. null (auto): on for a CUDA GPU, off on a CPU (bfloat16 there is emulated unless
+    # the CPU has AVX512-BF16/AMX, and slower than float32).
+    amp: Optional[bool] = None
+    # auto: bfloat16 where the device has it (no GradScaler, no host sync), else float16 + GradScaler.
     amp_dtype: Literal["auto", "float16", "bfloat16"] = "auto"
     # null: new run; "auto": newest checkpoint in output_dir (a new run if none); or a checkpoint path.
     resume: Optional[str] = None
@@ -195,7 +203,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value, key) if value is not None else _fail(key, value, _describe(tp))
     if origin is Literal:
-        if value not in typing.get_args(tp) or isinstance(value, bool):
+        allowed = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):
+            return "on" if value else "off"  # YAML reads a bare on/off as a boolean: model.compile=off
+        if value not in allowed or isinstance(value, bool):
             _fail(key, value, _describe(tp))
         return value
     if dataclasses.is_dataclass(tp):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ignite_fixmatch.augment import StrongView, WeakView, to_normalized_tensor
+from ignite_fixmatch.augment import StrongView, WeakView
 from ignite_fixmatch.augment_batched import BatchedAugment, collate_columns
 from ignite_fixmatch.config import Config, ConfigError
 from ignite_fixmatch.datasets import DataSources, ImageSource, build_sources
@@ -137,14 +137,30 @@ class AugmentedDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    def __init__(self, source: ImageSource, view: Callable) -> None:
-        self.source, self.view = source, view
+    """The test split as uint8 images (C, H, W) and labels, fetched a whole batch at a time
+    (``__getitems__``): one array gather for in-memory data sets, no per-sample Python. The evaluator
+    normalises on its device, in the model's memory format."""
+
+    def __init__(self, source: ImageSource) -> None:
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.view(self.source.load(i)), int(self.source.targets[i])
+        x, y = self.__getitems__([i])
+        return x[0], int(y[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        # (k, H, W, C) seen as NCHW: channels_last strides, which the evaluator keeps without a copy
+        images = torch.from_numpy(self.source.uint8_batch(idx)).permute(0, 3, 1, 2)
+        return images, torch.from_numpy(self.source.targets[idx])
+
+
+def _batch_as_fetched(batch: Any) -> Any:
+    """collate_fn for data sets whose ``__getitems__`` already returns the collated batch."""
+    return batch
 
 
 class ConcatSource:
@@ -173,7 +189,8 @@ class FixMatchData:
     unlabeled: Any  # ImageSource-like: len, load, targets
     weak: WeakView
     strong: StrongView
-    # data.augment=batched: the trainer's batch_transform; the loaders then yield uint8 images + draws
+    augment: str = "pil"  # data.augment resolved: "pil", "batched" or "device"
+    # batched and device: the trainer's batch_transform (the views made on the training device)
     batched: Optional[BatchedAugment] = None
 
 
@@ -183,10 +200,39 @@ def view_settings(cfg: Config, sources: DataSources) -> dict[str, Any]:
     return dict(pad=int(round(size * PAD_FRACTION)), pad_mode=cfg.data.pad_mode, flip=flip, mean=sources.mean, std=sources.std)
 
 
-def use_batched_augment(setting: str, device: torch.device) -> bool:
-    """auto: batched on a GPU (augmentation on the device, the CPU only decodes); PIL in the loader
-    workers on a CPU, where they overlap with the step instead of adding to it."""
-    return setting == "batched" or (setting == "auto" and device.type == "cuda")
+def resolve_augment(setting: str, device: torch.device, fits_on_device: Callable[[], bool]) -> str:
+    """Where augmentation runs: "pil", "batched" or "device" (see ``data.augment`` in config.py).
+
+    auto: on a CPU, PIL in the loader workers (they overlap with the step instead of adding to it);
+    on a GPU, the data set on the device when it fits, else loaders carrying uint8 images + draws."""
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return "pil"
+    return "device" if fits_on_device() else "batched"
+
+
+def resident_bytes(sources: DataSources, unlabeled: ConcatSource) -> int:
+    """Bytes a device copy of the images takes (training, extra unlabeled, test)."""
+
+    def image_bytes(source: ImageSource, n: int) -> int:
+        shape = getattr(source.images, "shape", None)
+        if source.image_size is not None or shape is None:
+            side = source.image_size or 256  # not known before decoding: assume large images
+            return n * side * side * (3 if source.mode == "RGB" else 1)
+        return n * int(np.prod(shape[1:]))
+
+    total = image_bytes(sources.train, len(sources.train)) + image_bytes(sources.test, len(sources.test))
+    return total + sum(image_bytes(src, len(idx)) for src, idx in unlabeled.parts if src is not sources.train)
+
+
+def fits_on_device(sources: DataSources, unlabeled: ConcatSource, device: torch.device, share: float = 0.25) -> bool:
+    """In-memory images (not files to decode) that need at most ``share`` of the GPU's free memory."""
+    in_memory = all(s.images is not None for s in (sources.train, sources.test, *(src for src, _ in unlabeled.parts)))
+    if not in_memory or device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return resident_bytes(sources, unlabeled) <= share * free
 
 
 def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
@@ -210,16 +256,12 @@ def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
     settings = view_settings(cfg, sources)
     weak = WeakView(**settings)
     strong = StrongView(cfg.data.randaugment, **settings)
+    device = idist.device()
+    augment = resolve_augment(cfg.data.augment, device, lambda: fits_on_device(sources, unlabeled, device))
     batched = None
-    if use_batched_augment(cfg.data.augment, idist.device()):
+    if augment != "pil":
         batched = BatchedAugment(cfg.data.randaugment, channels_last=cfg.model.channels_last, **settings)
-    return FixMatchData(sources, labeled, unlabeled, weak, strong, batched)
-
-
-def eval_view_for(sources: DataSources) -> Callable:
-    """The test-time transform (tensor + the data set's normalisation, nothing random); shared with
-    ``ignite_fixmatch.eval`` so a saved model is scored exactly as during training."""
-    return functools.partial(to_normalized_tensor, mean=sources.mean, std=sources.std)
+    return FixMatchData(sources, labeled, unlabeled, weak, strong, augment, batched)
 
 
 def sources_from_config(cfg: Config, *, with_unlabeled: bool = True) -> DataSources:
@@ -295,14 +337,15 @@ class FixMatchStream:
 def build_eval_loader(
     sources: DataSources, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False
 ) -> DataLoader:
-    """The test split, this rank's shard, ``batch_size`` over all ranks; used by training and by
-    ``ignite_fixmatch.eval``, so a saved model is scored exactly as during training."""
-    ds = EvalDataset(sources.test, eval_view_for(sources))
+    """The test split as (uint8 images, labels) batches, this rank's shard, ``batch_size`` over all ranks;
+    used by training and by ``ignite_fixmatch.eval``, so a saved model is scored exactly as in training."""
+    ds = EvalDataset(sources.test)
     return DataLoader(
         ds,
         batch_size=batch_size // world_size,
         sampler=ShardedEvalSampler(len(ds), rank, world_size),
         num_workers=num_workers,
+        collate_fn=_batch_as_fetched,
         pin_memory=pin_memory,
         worker_init_fn=ignore_stop_signals,
     )

@@ -426,6 +426,25 @@ class ImageSource:
                         f"({self.num_corrupt} unreadable files, e.g. {self.path(i)}); "
                         "replace the corrupt files")
 
+    def in_memory_uint8(self) -> bool:
+        """True when the images can be gathered as stored: an in-memory uint8 array already in ``mode``
+        and at ``image_size`` (then ``load`` would change no pixel)."""
+        shape = getattr(self.images, "shape", None)
+        if shape is None or np.dtype(getattr(self.images, "dtype", np.uint8)) != np.uint8:
+            return False
+        mode_ok = (len(shape) == 3 and self.mode == "L") or (len(shape) == 4 and shape[3] == 3 and self.mode == "RGB")
+        return mode_ok and (self.image_size is None or shape[1] == shape[2] == self.image_size)
+
+    def uint8_batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Images ``indices`` as one uint8 array (k, H, W, C), the pixels ``load`` gives: one gather for
+        in-memory data sets, a ``load`` per image otherwise (files, resizing, mode conversion)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if self.in_memory_uint8():
+            batch = np.asarray(self.images[idx])
+        else:
+            batch = np.stack([np.asarray(self.load(int(i)), dtype=np.uint8) for i in idx])
+        return batch[..., None] if batch.ndim == 3 else batch
+
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         """``(load(i), targets[i])``."""
         return self.load(i), int(self.targets[i])

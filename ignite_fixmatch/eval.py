@@ -190,7 +190,7 @@ def evaluate_checkpoint(
         pin_memory=dev.type == "cuda",
     )
     evaluator = create_evaluator(
-        net, dev, num_classes=sources.num_classes, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
+        net, dev, num_classes=sources.num_classes, mean=sources.mean, std=sources.std, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
         channels_last=cfg.model.channels_last, per_class=True,
     )
     metrics = evaluator.run(loader).metrics

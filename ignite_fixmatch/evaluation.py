@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from ignite.engine import Engine
 from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccuracy
 from torch import nn
 
+from ignite_fixmatch.augment_batched import normalize
 from ignite_fixmatch.fixmatch import autocast_context
 
 
@@ -17,12 +18,16 @@ def create_evaluator(
     device: torch.device,
     *,
     num_classes: int,
-    amp: bool = False,
+    mean: Sequence[float],
+    std: Sequence[float],
+    amp: bool | None = False,
     amp_dtype: str = "auto",
     channels_last: bool = False,
     per_class: bool = False,
 ) -> Engine:
-    """An Engine over (images, labels) batches with metrics top1, top5, loss (and the confusion matrix).
+    """An Engine over (uint8 images, labels) batches with metrics top1, top5, loss (and the confusion matrix).
+
+    Images are normalised with ``mean``/``std`` on the device, a batch at a time, in the model's memory format.
 
     Ignite's metrics all-reduce at ``compute()``, so each process evaluates only its shard.
     """
@@ -32,7 +37,7 @@ def create_evaluator(
     def step(engine: Engine, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         model.eval()
         x, y = batch
-        x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        x = normalize(x.to(device, non_blocking=True), mean, std, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
         with autocast_context(device, amp, amp_dtype):
             logits = model(x)

@@ -112,18 +112,30 @@ def fixmatch_forward(
     return {"loss": loss, "loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "mask": mask, "pseudo": pseudo}
 
 
-def autocast_context(device: torch.device, amp: bool, amp_dtype: str) -> contextlib.AbstractContextManager:
+def amp_enabled(device: torch.device, amp: bool | None) -> bool:
+    """``amp: null`` (auto) turns mixed precision on for CUDA GPUs only."""
+    return device.type == "cuda" if amp is None else amp
+
+
+def autocast_context(device: torch.device, amp: bool | None, amp_dtype: str) -> contextlib.AbstractContextManager:
     """torch.autocast for the run's device, or nothing when AMP is off."""
-    if not amp:
+    if not amp_enabled(device, amp):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=resolve_amp_dtype(device, amp_dtype))
 
 
 def resolve_amp_dtype(device: torch.device, amp_dtype: str) -> torch.dtype:
-    """auto: float16 on CUDA (with a GradScaler), bfloat16 elsewhere (needs no scaler)."""
+    """auto: bfloat16 where the device has it (CPUs, Ampere and later GPUs): it needs no GradScaler, whose
+    inf check reads the device every step; float16 (with a GradScaler) on older GPUs."""
     if amp_dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.float16
+        return torch.bfloat16
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}[amp_dtype]
+
+
+def needs_grad_scaler(device: torch.device, amp: bool | None, amp_dtype: str) -> bool:
+    return amp_enabled(device, amp) and resolve_amp_dtype(device, amp_dtype) == torch.float16
 
 
 def create_trainer(
@@ -136,7 +148,7 @@ def create_trainer(
     hard_label: bool,
     T: float,
     use_interleave: bool = False,
-    amp: bool = False,
+    amp: bool | None = False,
     amp_dtype: str = "auto",
     channels_last: bool = False,
     scaler: torch.amp.GradScaler | None = None,
@@ -154,8 +166,9 @@ def create_trainer(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def to_device(t: Tensor) -> Tensor:
-        t = t.to(device, non_blocking=True)
-        return t.contiguous(memory_format=memory_format) if t.dim() == 4 else t
+        t = t.to(device, non_blocking=True)  # a no-op for data already there (data.augment=device)
+        # float images into the model's layout; uint8 ones are left for batch_transform, which reads NCHW
+        return t.contiguous(memory_format=memory_format) if t.dim() == 4 and t.is_floating_point() else t
 
     def update(engine: Engine, batch: Mapping[str, Tensor]) -> dict[str, Any]:
         model.train()

@@ -20,8 +20,10 @@ from ignite.engine import Engine, Events
 from ignite.utils import manual_seed, setup_logger
 
 from ignite_fixmatch.config import Config, ConfigError, check_divisible, dump_yaml
-from ignite_fixmatch.data import build_data, build_eval_loader, save_split, sources_from_config, FixMatchStream
-from ignite_fixmatch.fixmatch import create_trainer, parameter_groups, resolve_amp_dtype
+from ignite_fixmatch.data import FixMatchData, FixMatchStream, build_data, build_eval_loader, save_split, sources_from_config
+from ignite_fixmatch.cuda_graph import CudaGraphed
+from ignite_fixmatch.device_data import DeviceEvalBatches, DeviceResidentStream
+from ignite_fixmatch.fixmatch import amp_enabled, create_trainer, needs_grad_scaler, parameter_groups, resolve_amp_dtype
 from ignite_fixmatch.models import build_model
 from ignite_fixmatch.plugins import Context, attach_all, build_handlers
 from ignite_fixmatch.preemption import PreemptionGuard
@@ -174,6 +176,34 @@ def model_from_config(cfg: Config, num_classes: int, in_channels: int) -> torch.
     return model.to(memory_format=torch.channels_last) if m.channels_last else model
 
 
+AUGMENT_WHERE = {
+    "pil": "PIL per image in the loader workers",
+    "batched": "batched on the device (loaders carry uint8 images)",
+    "device": "batched on the device (data set held there)",
+}
+
+
+def augmentation_on_device(data: FixMatchData, cfg: Config, device: torch.device) -> Callable | None:
+    """The trainer's batch_transform: the batched views, replayed as a CUDA graph where asked (auto: on a GPU)."""
+    if data.batched is None:
+        return None
+    if device.type == "cuda" and cfg.data.cuda_graph in ("auto", "on"):
+        return CudaGraphed(data.batched)
+    return data.batched
+
+
+def training_data(
+    data: FixMatchData, cfg: Config, rank: int, world_size: int, device: torch.device, start_iteration: Callable[[], int]
+) -> tuple[Any, Any]:
+    """(training stream, test batches) for where augmentation runs (``data.augment`` resolved)."""
+    if data.augment == "device":
+        stream = DeviceResidentStream(data, cfg.data.batch_size, cfg.data.mu, cfg.seed, rank, world_size, device, start_iteration)
+        return stream, DeviceEvalBatches(data.sources.test, cfg.data.eval_batch_size, rank, world_size, device)
+    pin = device.type == "cuda"
+    stream = FixMatchStream(data, cfg, rank, world_size, start_iteration=start_iteration, pin_memory=pin)
+    return stream, build_eval_loader(data.sources, cfg.data.eval_batch_size, min(cfg.data.num_workers, 2), rank, world_size, pin)
+
+
 def training(local_rank: int, cfg: Config) -> dict[str, Any]:
     """Run (or resume) one process of a FixMatch run. Returns the final results dict on rank 0."""
     rank, world_size, device = idist.get_rank(), idist.get_world_size(), idist.device()
@@ -205,25 +235,32 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         )
 
     m = cfg.model
+    compile_model = m.compile == "on" or (m.compile == "auto" and device.type == "cuda")
+    batch_transform = augmentation_on_device(data, cfg, device)
+    if rank == 0:
+        amp = f"on ({str(resolve_amp_dtype(device, cfg.amp_dtype)).removeprefix('torch.')})" if amp_enabled(device, cfg.amp) else "off"
+        logger.info(
+            "Speed settings: augmentation %s%s, amp %s, channels_last %s, compile %s",
+            AUGMENT_WHERE[data.augment], " as a CUDA graph" if isinstance(batch_transform, CudaGraphed) else "",
+            amp, "on" if m.channels_last else "off", "on" if compile_model else "off",
+        )
     model = idist.auto_model(model_from_config(cfg, sources.num_classes, sources.channels), sync_bn=m.sync_bn)
     optimizer = idist.auto_optim(build_optimizer(model, cfg))
     scaler = None
-    if cfg.amp and resolve_amp_dtype(device, cfg.amp_dtype) == torch.float16:
+    if needs_grad_scaler(device, cfg.amp, cfg.amp_dtype):
         scaler = torch.amp.GradScaler(device.type)
 
     trainer = create_trainer(
         model, optimizer, device,
         threshold=cfg.fixmatch.threshold, lambda_u=cfg.fixmatch.lambda_u, hard_label=cfg.fixmatch.hard_label,
         T=cfg.fixmatch.T, use_interleave=cfg.fixmatch.interleave, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
-        channels_last=m.channels_last, scaler=scaler, batch_transform=data.batched,
-        compile_model=m.compile == "on" or (m.compile == "auto" and device.type == "cuda"),
+        channels_last=m.channels_last, scaler=scaler, batch_transform=batch_transform,
+        compile_model=compile_model,
     )
     trainer.logger = setup_logger("trainer", level=logging.WARNING, distributed_rank=rank)
     attach_step_timer(trainer)
     attach_buffer_sync(trainer, model)
-    pin = device.type == "cuda"
-    stream = FixMatchStream(data, cfg, rank, world_size, start_iteration=lambda: trainer.state.iteration, pin_memory=pin)
-    eval_loader = build_eval_loader(sources, cfg.data.eval_batch_size, min(cfg.data.num_workers, 2), rank, world_size, pin)
+    stream, eval_loader = training_data(data, cfg, rank, world_size, device, start_iteration=lambda: trainer.state.iteration)
 
     to_save: dict[str, Any] = {
         "trainer": trainer,

@@ -98,3 +98,18 @@ def test_every_shipped_config_loads():
     c100 = load_config(Path("configs/cifar100_400.yaml"))
     assert (c100.model.widen_factor, c100.optim.weight_decay) == (8, 1e-3)
     assert load_config(Path("configs/cifar10_full_supervised.yaml")).fixmatch.lambda_u == 0.0
+
+
+@pytest.mark.parametrize("text, expected", [("off", "off"), ("on", "on"), ("auto", "auto"), ("false", "off"), ("true", "on")])
+def test_on_off_settings_accept_yaml_booleans(text, expected, tmp_path):
+    """YAML reads a bare on/off as a boolean: model.compile=off (command line or file) must still mean "off"."""
+    assert load_config(None, [f"model.compile={text}"]).model.compile == expected
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  compile: {text}\n")
+    assert load_config(path).model.compile == expected
+
+
+def test_amp_is_auto_by_default_and_takes_booleans():
+    assert load_config(None).amp is None
+    assert load_config(None, ["amp=true"]).amp is True
+    assert load_config(None, ["amp=null"]).amp is None

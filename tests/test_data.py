@@ -103,11 +103,40 @@ def test_labeled_images_can_be_left_out_of_the_unlabeled_stream():
     assert len(data.unlabeled) == len(sources.train) - 50
 
 
-def test_augment_auto_is_batched_on_gpu_and_pil_on_cpu():
-    from ignite_fixmatch.data import use_batched_augment
+def test_augment_auto_puts_data_on_a_gpu_that_fits_it_and_uses_pil_on_cpu():
+    from ignite_fixmatch.data import resolve_augment
 
-    assert use_batched_augment("auto", torch.device("cuda", 0)) is True
-    assert use_batched_augment("auto", torch.device("cpu")) is False
-    assert use_batched_augment("batched", torch.device("cpu")) is True
-    assert use_batched_augment("pil", torch.device("cuda", 0)) is False
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_augment("auto", gpu, lambda: True) == "device"
+    assert resolve_augment("auto", gpu, lambda: False) == "batched"
+    assert resolve_augment("auto", cpu, lambda: True) == "pil"
+    for setting in ("pil", "batched", "device"):
+        assert resolve_augment(setting, gpu, lambda: False) == setting
+        assert resolve_augment(setting, cpu, lambda: True) == setting
     assert load_config(None).data.augment == "auto"
+
+
+@pytest.mark.parametrize("kind", ["digits", "folder"])
+def test_eval_batches_normalised_on_the_device_equal_the_per_image_transform(kind, tmp_path):
+    """The test loader's uint8 batches (one gather for in-memory sets, a load per file for folders),
+    normalised by the evaluator, are bit-identical to PIL -> to_tensor -> normalize per image."""
+    from ignite_fixmatch.augment import to_normalized_tensor
+    from ignite_fixmatch.augment_batched import normalize
+    from ignite_fixmatch.data import build_eval_loader
+    from helpers import datagen
+
+    if kind == "digits":
+        sources = build_sources("digits", "unused", image_size=8)
+        assert sources.test.in_memory_uint8()
+    else:
+        root = datagen.make_image_folder(tmp_path / "img", n_train_per_class=2, n_test_per_class=5, size=(20, 20))
+        sources = build_sources("folder", str(root), image_size=16)  # files, resized on load
+        assert not sources.test.in_memory_uint8()
+    seen = 0
+    for images, labels in build_eval_loader(sources, 7, 0):
+        assert images.dtype == torch.uint8
+        expected = torch.stack([to_normalized_tensor(sources.test.load(seen + i), sources.mean, sources.std) for i in range(len(labels))])
+        assert torch.equal(normalize(images, sources.mean, sources.std), expected)
+        assert labels.tolist() == [int(t) for t in sources.test.targets[seen : seen + len(labels)]]
+        seen += len(labels)
+    assert seen == len(sources.test)

@@ -129,7 +129,10 @@ def _evaluate_saved_ema(cfg: Config, checkpoint: Path, rank: int, world_size: in
     data = build_data(cfg, sources_from_config(cfg))
     model = model_from_config(cfg, data.sources.num_classes, data.sources.channels)
     model.load_state_dict(load_state(checkpoint)["ema_model"])
-    evaluator = create_evaluator(model, torch.device("cpu"), num_classes=data.sources.num_classes, channels_last=cfg.model.channels_last)
+    evaluator = create_evaluator(
+        model, torch.device("cpu"), num_classes=data.sources.num_classes, mean=data.sources.mean, std=data.sources.std,
+        channels_last=cfg.model.channels_last,
+    )
     metrics = evaluator.run(build_eval_loader(data.sources, cfg.data.eval_batch_size, 0, rank, world_size)).metrics
     return {"top1": 100.0 * metrics["top1"], "top5": 100.0 * metrics["top5"], "loss": metrics["loss"]}
 
@@ -179,7 +182,7 @@ def train_and_evaluate(local_rank: int, cfg: Config, out: str, steps: int) -> No
     stream = FixMatchStream(data, cfg, rank, world_size, start_iteration=lambda: trainer.state.iteration)
     trainer.run(stream, max_iters=steps, epoch_length=steps)
 
-    evaluator = create_evaluator(model, device, num_classes=data.sources.num_classes)
+    evaluator = create_evaluator(model, device, num_classes=data.sources.num_classes, mean=data.sources.mean, std=data.sources.std)
     seen = torch.zeros(1, dtype=torch.long)
 
     def count(engine: Engine) -> None:

@@ -178,3 +178,15 @@ def test_compiled_step_matches_eager_and_keeps_the_model_plain():
     for a, b in zip(eager.parameters(), compiled.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
     assert out_c["loss"].item() == pytest.approx(out_e["loss"].item(), rel=1e-4)
+
+
+def test_amp_auto_is_bfloat16_on_gpus_and_off_on_cpus():
+    from ignite_fixmatch.fixmatch import amp_enabled, needs_grad_scaler, resolve_amp_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert amp_enabled(cpu, None) is False and amp_enabled(gpu, None) is True
+    assert amp_enabled(cpu, True) is True and amp_enabled(gpu, False) is False
+    assert resolve_amp_dtype(cpu, "auto") == torch.bfloat16
+    assert resolve_amp_dtype(gpu, "float16") == torch.float16
+    assert needs_grad_scaler(cpu, True, "float16") and not needs_grad_scaler(cpu, None, "float16")
+    assert not needs_grad_scaler(cpu, True, "bfloat16")
