@@ -26,6 +26,8 @@ class Checkpointing:
     - Saved after every other handler of the iteration (registered when the run starts), so the
       state on disk is the complete state after that iteration.
     - The data position needs no saving: the streams restart at the trainer's iteration.
+    - Before every write (periodic, final, best, and ``ctx.save_checkpoint`` on preemption) the
+      ``ctx.checkpoint_guards`` run; one that raises (a diverged loss) stops the run unsaved.
     """
 
     def __init__(self, every: int = 1000, keep: int = 2, keep_best: int = 1, best_model: str = "ema") -> None:
@@ -56,6 +58,7 @@ class Checkpointing:
             score_function=self._score, score_name="top1",
         )
         self.evaluators = ctx.evaluators
+        self.guards = ctx.checkpoint_guards  # the list itself: guards of handlers attached later count too
         ctx.save_checkpoint = self.save_last
         ctx.trainer.add_event_handler(Events.STARTED, self._register)
 
@@ -69,14 +72,25 @@ class Checkpointing:
         if self._registered:
             return
         self._registered = True
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.save_last)
-        trainer.add_event_handler(Events.COMPLETED, self.save_final)
+        if self.keep_best and self.best_model not in self.evaluators:
+            raise ValueError(f"checkpoint: best_model={self.best_model!r} but the evaluation handler does not evaluate it")
+        # One handler per event (each one Ignite dispatches costs about 1 us per iteration).
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._after_iteration)
+        trainer.add_event_handler(Events.COMPLETED, self._at_end)
+
+    def _after_iteration(self, trainer: Engine) -> None:
+        if trainer.state.iteration % self.every == 0:
+            self.save_last(trainer)
         if self.keep_best:
-            if self.best_model not in self.evaluators:
-                raise ValueError(f"checkpoint: best_model={self.best_model!r} but the evaluation handler does not evaluate it")
-            trainer.add_event_handler(Events.ITERATION_COMPLETED | Events.COMPLETED, self.save_best)
+            self.save_best(trainer)
+
+    def _at_end(self, trainer: Engine) -> None:
+        self.save_final(trainer)
+        if self.keep_best:
+            self.save_best(trainer)
 
     def save_last(self, trainer: Engine) -> None:
+        self._guard(trainer)
         self._write(self.last, trainer)
         self._prune(self._files(best=False), keep=self.keep, key=checkpoint_iteration)
 
@@ -90,12 +104,17 @@ class Checkpointing:
         if getattr(trainer.state, "evaluated_iteration", None) != iteration or iteration == self._best_checked_at:
             return
         self._best_checked_at = iteration  # ITERATION_COMPLETED and COMPLETED of the last iteration
+        self._guard(trainer)  # here, not only before a write: every process runs it at the same iteration
         existing = self._files(best=True)
         score = self._score(trainer)
         if len(existing) >= self.keep_best and score <= min(best_score(p) for p in existing):
             return
         self._write(self.best, trainer)
         self._prune(self._files(best=True), keep=self.keep_best, key=lambda p: (best_score(p), checkpoint_iteration(p)))
+
+    def _guard(self, trainer: Engine) -> None:
+        for guard in self.guards:
+            guard(trainer)
 
     def _prune(self, files: list[Path], keep: int, key) -> None:
         if self.is_writer:

@@ -9,7 +9,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers.tensorboard_logger import GradsScalarHandler, OutputHandler, TensorboardLogger
 
-from ignite_fixmatch.plugins import Context, step_scalars
+from ignite_fixmatch.plugins import Context, every_iterations, step_scalars
+
 
 class TensorBoard:
     """Train scalars every ``every`` iterations under ``train/``, evaluation metrics under ``test_<model>/``,
@@ -25,11 +26,7 @@ class TensorBoard:
     def attach(self, ctx: Context) -> None:
         self.logger = TensorboardLogger(log_dir=str(Path(ctx.output_dir) / self.log_dir))
         trainer = ctx.trainer
-        self.logger.attach(
-            trainer,
-            log_handler=_log_train_scalars,
-            event_name=Events.ITERATION_COMPLETED(every=self.every),
-        )
+        every_iterations(trainer, self.every, lambda engine: _log_train_scalars(engine, self.logger, Events.ITERATION_COMPLETED))
         if self.grad_norm:
             self.logger.attach(trainer, log_handler=GradsScalarHandler(ctx.model, reduction=torch.norm), event_name=Events.ITERATION_COMPLETED(every=self.every))
         for name, evaluator in ctx.evaluators.items():

@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from torch import nn
 from torch.optim import Optimizer
 
@@ -62,6 +62,10 @@ class Context:
     world_size: int = 1
     # Set by the checkpoint handler: writes a resumable checkpoint now (used on preemption).
     save_checkpoint: Callable[[Engine], None] | None = None
+    # Called with the trainer by the checkpoint handler before every write (periodic, best, final,
+    # preemption), on every process at the same iteration. A guard raises to refuse the write and stop
+    # the run (terminate_on_nan: the loss diverged since its last read).
+    checkpoint_guards: list[Callable[[Engine], None]] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -122,6 +126,20 @@ def attach_all(handlers: Iterable[Handler], ctx: Context) -> None:
         if getattr(h, "rank_zero_only", False) and ctx.rank != 0:
             continue
         h.attach(ctx)
+
+
+def every_iterations(engine: Engine, every: int, handler: Callable[[Engine], None]) -> None:
+    """``handler(engine)`` at ITERATION_COMPLETED of every ``every``-th iteration: the same iterations as
+    ``Events.ITERATION_COMPLETED(every=every)``, for about 0.1 us per iteration instead of 2 us (Ignite's
+    event filter looks the filtered event up by its __eq__/__hash__ on every iteration; four periodic
+    handlers made that the largest part of the default handlers' per-iteration overhead)."""
+
+    def periodic(engine: Engine) -> None:
+        if engine.state.iteration % every == 0:
+            handler(engine)
+
+    periodic.__qualname__ = f"every_iterations({every}, {getattr(handler, '__qualname__', handler)})"  # for profilers
+    engine.add_event_handler(Events.ITERATION_COMPLETED, periodic)
 
 
 def step_scalars(engine: Engine) -> dict[str, float]:

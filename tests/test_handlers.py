@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from torch import nn
 
 from helpers import cli, load_state, make_folder, tiny_overrides
@@ -39,17 +39,142 @@ def test_cosine_lr_follows_the_fixmatch_formula(tmp_path):
     assert "lr_scheduler" in ctx.to_save
 
 
-def test_cosine_lr_warmup_and_state_survives(tmp_path):
+def _lrs_of_run(tmp_path, K, stop_at=None, resume_from=None):
+    """The lr of every iteration of a cosine_lr run (real Engine, SGD, a checkpoint file on disk)."""
+    tmp_path.mkdir()
+    ctx = make_ctx(tmp_path, nn.Linear(2, 2), K)
+    seen = []
+    ctx.trainer._process_function = lambda e, b: seen.append([g["lr"] for g in ctx.optimizer.param_groups])
+    attach_all(build_handlers([HandlerSpec("cosine_lr", {"warmup_iters": 4})]), ctx)
+    to_save = {"trainer": ctx.trainer, "optimizer": ctx.optimizer, "lr_scheduler": ctx.to_save["lr_scheduler"]}
+    if resume_from is not None:
+        state = torch.load(resume_from, weights_only=True)
+        for key, obj in to_save.items():
+            obj.load_state_dict(state[key])
+    if stop_at is not None:
+        ctx.trainer.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda e: e.terminate())
+    ctx.trainer.run([0] * K, max_epochs=1)
+    torch.save({key: obj.state_dict() for key, obj in to_save.items()}, tmp_path / "state.pt")
+    return seen
+
+
+def test_cosine_lr_warmup_and_resume_is_bit_exact(tmp_path):
     assert cosine_factor(0, 100, warmup=10) == 0.0 and cosine_factor(5, 100, warmup=10) == 0.5
     assert cosine_factor(10, 100, warmup=10) == 1.0
-    ctx = make_ctx(tmp_path, nn.Linear(2, 2), 40)
-    attach_all(build_handlers([HandlerSpec("cosine_lr", {"warmup_iters": 4})]), ctx)
-    ctx.trainer.run([0] * 20, max_epochs=1)
-    state = ctx.to_save["lr_scheduler"].state_dict()
-    ctx2 = make_ctx(tmp_path, nn.Linear(2, 2), 40)
-    attach_all(build_handlers([HandlerSpec("cosine_lr", {"warmup_iters": 4})]), ctx2)
-    ctx2.to_save["lr_scheduler"].load_state_dict(state)
-    assert ctx2.to_save["lr_scheduler"].lr_scheduler.last_epoch == ctx.to_save["lr_scheduler"].lr_scheduler.last_epoch
+    K = 40
+    whole = _lrs_of_run(tmp_path / "a", K)
+    for k in (0, 2, 4, 17, 39):
+        assert whole[k] == [0.03 * cosine_factor(k, K, warmup=4)], k
+    first = _lrs_of_run(tmp_path / "b", K, stop_at=17)
+    second = _lrs_of_run(tmp_path / "c", K, resume_from=tmp_path / "b" / "state.pt")
+    assert len(first) == 17 and len(second) == K - 17
+    assert first + second == whole  # ==, not approx: the resumed run sets exactly the same floats
+
+
+def test_cosine_lr_loads_a_checkpoint_of_ignites_lrscheduler(tmp_path):
+    """Runs checkpointed before cosine_lr was a plain handler saved Ignite's LRScheduler(LambdaLR) state."""
+    from ignite.handlers import LRScheduler
+    from torch.optim.lr_scheduler import LambdaLR
+
+    old_opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.5)
+    old = LRScheduler(LambdaLR(old_opt, lambda k: 1.0)).state_dict()
+    ctx = make_ctx(tmp_path, nn.Linear(2, 2), 10)
+    attach_all(build_handlers([HandlerSpec("cosine_lr")]), ctx)
+    ctx.to_save["lr_scheduler"].load_state_dict(old)
+    ctx.trainer.run([0] * 1, max_epochs=1)
+    assert ctx.optimizer.param_groups[0]["lr"] == 0.5
+
+
+def _diverging_step(bad_iteration, value=math.nan):
+    """Loss 1.0, except ``value`` at ``bad_iteration`` and the iteration after it, finite again later."""
+
+    def step(engine, batch):
+        it = engine.state.iteration
+        loss = value if bad_iteration <= it <= bad_iteration + 1 else 1.0
+        return {"loss": torch.tensor(loss), "mask_rate": torch.tensor(0.0), "lr": 0.03}
+
+    return step
+
+
+@pytest.mark.parametrize("check_every,seen_at", [(50, 20), (5, 10), (1, 7)])
+def test_terminate_on_nan_read_late_names_the_exact_first_bad_iteration(tmp_path, check_every, seen_at):
+    from ignite_fixmatch.fixmatch import NonFiniteLossError
+
+    ctx = make_ctx(tmp_path, nn.Linear(2, 2), 20, _diverging_step(7, math.inf))
+    attach_all(build_handlers([HandlerSpec("terminate_on_nan", {"check_every": check_every})]), ctx)
+    with pytest.raises(NonFiniteLossError) as e:
+        ctx.trainer.run([0] * 20, max_epochs=1)
+    assert "loss is inf at iteration 7: training diverged" in str(e.value)
+    assert f"detected at iteration {seen_at}" in str(e.value) and "none saved yet" in str(e.value)
+    assert ctx.trainer.state.iteration == seen_at
+
+
+def _nan_run_with_checkpoints(tmp_path, bad_iteration, every, signal_at=None):
+    """A real run of the ema, terminate_on_nan (read every 50) and checkpoint handlers; raises at the NaN."""
+    import os
+    import signal
+
+    from ignite_fixmatch.preemption import PreemptionGuard
+
+    model = nn.Linear(2, 2)
+    inner = _diverging_step(bad_iteration)
+
+    def step(engine, batch):
+        with torch.no_grad():
+            model.weight.add_(engine.state.iteration if engine.state.iteration < bad_iteration else math.nan)
+        if engine.state.iteration == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # preemption: the guard saves at the end of this iteration
+        return inner(engine, batch)
+
+    ctx = make_ctx(tmp_path, model, 20, step)
+    ctx.to_save.update({"trainer": ctx.trainer, "model": model})
+    specs = [HandlerSpec("ema"), HandlerSpec("terminate_on_nan"), HandlerSpec("checkpoint", {"every": every, "keep_best": 0})]
+    attach_all(build_handlers(specs), ctx)
+    guard = PreemptionGuard(ctx.logger)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    guard.install()
+    try:
+        guard.attach(ctx.trainer, ctx.save_checkpoint, lambda: "")
+        ctx.trainer.run([0] * 20, max_epochs=1)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    return ctx
+
+
+def test_no_checkpoint_is_written_after_a_nan_between_reads(tmp_path):
+    from ignite_fixmatch.fixmatch import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError) as e:
+        _nan_run_with_checkpoints(tmp_path, bad_iteration=6, every=4)
+    assert "loss is nan at iteration 6" in str(e.value) and "detected at iteration 8" in str(e.value)
+    assert str(tmp_path / "checkpoints" / "checkpoint_4.pt") in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_4.pt"]
+    saved = torch.load(tmp_path / "checkpoints" / "checkpoint_4.pt", weights_only=True)
+    assert torch.isfinite(saved["model"]["weight"]).all() and torch.isfinite(saved["ema_model"]["weight"]).all()
+
+
+def test_the_preemption_save_is_refused_after_a_nan_between_reads(tmp_path):
+    from ignite_fixmatch.fixmatch import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError) as e:  # not Preempted: nothing was saved
+        _nan_run_with_checkpoints(tmp_path, bad_iteration=3, every=100, signal_at=5)
+    assert "loss is nan at iteration 3" in str(e.value) and "detected at iteration 5" in str(e.value)
+    assert not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_no_evaluation_of_diverged_weights(tmp_path):
+    from ignite_fixmatch.fixmatch import NonFiniteLossError
+
+    ctx = make_ctx(tmp_path, nn.Linear(2, 2), 20, _diverging_step(3))
+    evaluated = []
+    evaluator = Engine(lambda e, b: evaluated.append(1))
+    ctx.evaluators["ema"] = evaluator
+    attach_all(build_handlers([HandlerSpec("terminate_on_nan")]), ctx)
+    ctx.trainer.add_event_handler(Events.ITERATION_COMPLETED(every=2), lambda _: evaluator.run([0]))
+    with pytest.raises(NonFiniteLossError, match="at iteration 3"):
+        ctx.trainer.run([0] * 20, max_epochs=1)
+    assert len(evaluated) == 1 and ctx.trainer.state.iteration == 4  # evaluated at 2, refused at 4
 
 
 def test_ema_averages_weights_and_copies_batchnorm_buffers(tmp_path):
@@ -96,6 +221,7 @@ def test_evaluation_reports_best_and_median_of_last_20():
         (HandlerSpec("ema", {"decy": 0.9}), ["handlers[0] (ema)", "decy", "Accepted params: decay, buffers"]),
         (HandlerSpec("ema", {"decay": 1.5}), ["handlers[0] (ema)", "decay must be in (0, 1)"]),
         (HandlerSpec("checkpoint", {"every": 0}), ["handlers[0] (checkpoint)", "every"]),
+        (HandlerSpec("terminate_on_nan", {"check_every": 0}), ["handlers[0] (terminate_on_nan)", "check_every must be an integer >= 1"]),
         (HandlerSpec("logging:Logger", {"name": "x"}), ["no attach(ctx) method"]),
     ],
 )

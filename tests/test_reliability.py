@@ -4,6 +4,7 @@ Every failure is provoked for real on a real training subprocess.
 """
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -80,6 +81,10 @@ def test_divergence_stops_with_the_iteration_and_keeps_the_last_good_checkpoint(
     result = cli(run_args(folder, out, "train.num_iters=20", "resume=auto", "fixmatch.lambda_u=1e38", "fixmatch.threshold=0.0"))
     assert result.returncode == EXIT_DIVERGED, result.stderr[-3000:]
     assert "training diverged" in result.stderr and "checkpoint_10.pt" in result.stderr
+    # The loss is read on the host every 50 iterations and before every checkpoint write: found at the
+    # write of iteration 15, and the message still names the first bad iteration, after checkpoint_10.
+    first_bad = int(re.search(r"loss is \S+ at iteration (\d+): training diverged", result.stderr).group(1))
+    assert 10 < first_bad <= 15 and "detected at iteration 15" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     names = sorted(p.name for p in (out / "checkpoints").glob("checkpoint_*.pt"))
     assert names == ["checkpoint_10.pt", "checkpoint_5.pt"]  # nothing after the divergence was saved
