@@ -46,10 +46,13 @@ from PIL import Image
 
 from ignite_fixmatch import augment as A
 from ignite_fixmatch import augment_batched as B
+from ignite_fixmatch.config import ModelConfig
+from ignite_fixmatch.cuda_graph import CudaGraphed
 from ignite_fixmatch.data import UNLABELED, hash_seed
 from ignite_fixmatch.fixmatch import create_trainer, fixmatch_forward, parameter_groups
 from ignite_fixmatch.models import build_model
 
+COMPILE_MODE = ModelConfig().compile_mode  # the trainer's default (reduce-overhead: CUDA graphs on a GPU)
 GFLOP_PER_IMAGE = 1.285  # WRN-28-2, one 32x32 image, forward + backward
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 PAD, SIZE = 4, 32
@@ -303,7 +306,7 @@ def make_model(cfg: StepConfig, device: torch.device) -> tuple[torch.nn.Module, 
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(parameter_groups(model, 5e-4, "reference"), lr=0.03, momentum=0.9, nesterov=True)
-    call = torch.compile(model) if cfg.compiled else model
+    call = torch.compile(model, mode=COMPILE_MODE) if cfg.compiled else model
     return call, model, optimizer
 
 
@@ -424,11 +427,15 @@ def bench_full_step(table: Table, device: torch.device, b: int, mu: int, steps: 
     pool_t = torch.from_numpy(pool).permute(0, 3, 1, 2).contiguous()
     views = Views("reference")
     ours = StepConfig(True, compile_on, bf16_supported(device))
+    augment = B.BatchedAugment("reference", PAD, "constant", True, MEAN, STD, channels_last=True)
+    if device.type == "cuda":  # the GPU default, data.augment=device
+        ours_data, where = device_stream(pool_t.to(device), b, mu, views), "data set and augmentation (a CUDA graph) on the GPU"
+        augment = CudaGraphed(augment)
+    else:
+        ours_data, where = batched_stream(pool_t, b, mu, views), "batched augmentation"
     setups = {
         "reference style: NCHW, eager, fp32, PIL per image": (StepConfig(False, False, False), None, pil_stream(pool, b, mu, views)),
-        f"ours: {ours.name}, batched augmentation": (
-            ours, B.BatchedAugment("reference", PAD, "constant", True, MEAN, STD, channels_last=True), batched_stream(pool_t, b, mu, views)
-        ),
+        f"ours: {ours.name}, {where}": (ours, augment, ours_data),
     }
     contenders = {}
     for name, (cfg, transform, data) in setups.items():
@@ -453,6 +460,75 @@ def bench_full_step(table: Table, device: torch.device, b: int, mu: int, steps: 
         if name != ref_name:
             note += f", {statistics.median(r / s for r, s in zip(rates, results[ref_name])):.2f}x reference style"
         table.add(section, name, fmt_rate(rates), note)
+
+
+def device_stream(pool: torch.Tensor, b: int, mu: int, views: Views, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Our default data on a GPU (data.augment=device): images held on the device, gathered by index,
+    parameters drawn there by a seeded torch.Generator; nothing per image on the host."""
+    g = torch.Generator(device=pool.device)
+    size = (pool.shape[3], pool.shape[2])
+    for step in itertools.count():
+        g.manual_seed(seed * 1_000_003 + step)
+        lab = torch.randint(0, len(pool), (b,), device=pool.device, generator=g)
+        unl = torch.randint(0, len(pool), (b * mu,), device=pool.device, generator=g)
+        yield {
+            "x": pool[lab], "x_weak": views.weak.sample_torch(b, size, g), "y": torch.zeros(b, dtype=torch.long, device=pool.device),
+            "u": pool[unl], "u_weak": views.weak.sample_torch(b * mu, size, g), "u_strong": views.strong.sample_torch(b * mu, size, g),
+            "u_y": torch.zeros(b * mu, dtype=torch.long, device=pool.device),
+        }
+
+
+def host_and_wall_ms(fn: Callable[[], Any], device: torch.device, iters: int) -> tuple[float, float]:
+    """(host ms, wall ms) per call: host is the time to issue the work (the Python and launch cost),
+    wall the time until the device has finished it. host close to wall: the step is launch-bound."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    host = time.perf_counter() - t0
+    sync(device)
+    return host / iters * 1e3, (time.perf_counter() - t0) / iters * 1e3
+
+
+def bench_step_parts(table: Table, device: torch.device, b: int, mu: int, iters: int, compile_on: bool) -> None:
+    """Where one step's time goes on a GPU: each part alone, host (issue) time against wall time."""
+    images = b * (1 + 2 * mu)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    section = f"4b. parts of one step on {where} ({images} images; ms per step: host issue / wall)"
+    views = Views("reference")
+    aug = B.BatchedAugment("reference", PAD, "constant", True, MEAN, STD, channels_last=True)
+    pool = torch.from_numpy(image_pool(4096)).permute(0, 3, 1, 2).contiguous().to(device)
+    data = device_stream(pool, b, mu, views)
+    batch = next(data)
+    graphed = CudaGraphed(aug)
+    for _ in range(graphed.warmup + 2):
+        replayed = graphed(batch)
+    eager = aug(batch)
+    same = all(torch.equal(replayed[k], eager[k]) for k in ("x", "u_w", "u_s"))
+    parts: dict[str, Callable[[], Any]] = {
+        "draws + gather (device data)": lambda: next(data),
+        "augmentation (weak + weak + strong, eager)": lambda: aug(batch),
+        f"augmentation as a CUDA graph ({'recorded' if graphed.graph is not None else 'NOT recorded'}, "
+        f"{'bit-identical' if same else 'DIFFERENT'} to eager)": lambda: graphed(batch),
+    }
+    views_batch = {**aug(batch), "y": batch["y"]}
+    call, model, optimizer = make_model(StepConfig(True, False, True), device)
+    parts["model step (channels_last, eager, bf16)"] = step_fn(call, optimizer, views_batch, device, True)
+    for mode in ("default", "reduce-overhead") if compile_on else ():
+        _, model, optimizer = make_model(StepConfig(True, False, True), device)
+        call = torch.compile(model, mode=None if mode == "default" else mode)
+        parts[f"model step (channels_last, compile {mode}, bf16)"] = step_fn(call, optimizer, views_batch, device, True)
+    ema = [p.detach().clone() for p in model.parameters()]
+    live = [p.detach() for p in model.parameters()]
+    parts["EMA update (one fused lerp)"] = lambda: torch._foreach_lerp_(ema, live, 0.001)
+    for name, fn in parts.items():
+        try:
+            host, wall = host_and_wall_ms(fn, device, iters)
+        except Exception as e:  # noqa: BLE001 - report the part this torch cannot run, time the rest
+            table.add(section, name, "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        table.add(section, name, f"{host:.2f} / {wall:.2f} ms", f"{1e3 / wall:,.0f} per second alone")
 
 
 # ---------------------------------------------------------------- 5. framework overhead
@@ -756,7 +832,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per comparison (default 3, quick 2)")
     parser.add_argument("--labeled", type=int, default=None, help="labeled images per step (x 15 in all; default 4 on CPU, 64 on GPU, quick 2)")
     parser.add_argument("--json", type=Path, default=None, help="also write the table rows here")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: aug,model,full,overhead")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: aug,model,full,parts,overhead")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -787,6 +863,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         bench_model_step(table, device, b, 7, 20 if gpu else (1 if quick else 2), rounds, compile_on, peak)
     if "full" not in skip:
         bench_full_step(table, device, b, 7, 20 if gpu else (1 if quick else 2), rounds, compile_on, peak)
+    if "parts" not in skip and gpu:
+        bench_step_parts(table, device, b, 7, 50, compile_on)
     if "overhead" not in skip:
         bench_overhead(table, device, 100 if quick else 200, 6 * rounds)
     table.add("6. end", "load average at end", " ".join(f"{x:.1f}" for x in os.getloadavg()))

@@ -10,7 +10,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from ignite_fixmatch.evaluation import create_evaluator
-from ignite_fixmatch.plugins import Context
+from ignite_fixmatch.plugins import Context, every_iterations
 
 MODELS = ("ema", "raw")
 
@@ -51,7 +51,8 @@ class Evaluation:
             )
             ctx.evaluators[name] = self.evaluators[name]
         trainer = ctx.trainer
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.every) | Events.COMPLETED, self.evaluate)
+        every_iterations(trainer, self.every, self.evaluate)
+        trainer.add_event_handler(Events.COMPLETED, self.evaluate)
         ctx.to_save["evaluation"] = self
 
     def evaluate(self, trainer: Engine) -> None:

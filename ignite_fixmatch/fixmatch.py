@@ -8,12 +8,15 @@ waits for the host (handlers convert what they log).
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -154,6 +157,7 @@ def create_trainer(
     scaler: torch.amp.GradScaler | None = None,
     batch_transform: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
     compile_model: bool = False,
+    compile_mode: str = "default",
 ) -> Engine:
     """An Engine whose iteration is one FixMatch update on a batch dict (x, y, u_w, u_s, u_y).
 
@@ -161,8 +165,12 @@ def create_trainer(
     ``batch_transform`` runs on the device before the forward (e.g. batched augmentation on the GPU).
     ``compile_model``: the forward goes through ``torch.compile(model)``, a wrapper that shares the
     model's parameters; the model itself (its state dict, the EMA copy, evaluation) stays uncompiled.
+    ``compile_mode``: torch.compile's mode; "reduce-overhead" also replays forward and backward as CUDA
+    graphs on a GPU. If the first compiled step fails (a model or backend that cannot be compiled), the
+    run warns and goes on without compiling; a later failure is raised.
     """
-    net = torch.compile(model) if compile_model else model
+    compiled = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile_model else None
+    net = {"module": compiled or model, "proven": compiled is None}
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def to_device(t: Tensor) -> Tensor:
@@ -175,26 +183,36 @@ def create_trainer(
         batch = {k: to_device(v) for k, v in batch.items()}
         if batch_transform is not None:
             batch = batch_transform(batch)
-        with autocast_context(device, amp, amp_dtype):
-            out = fixmatch_forward(
-                net,
-                batch["x"],
-                batch["y"],
-                batch["u_w"],
-                batch["u_s"],
-                threshold=threshold,
-                lambda_u=lambda_u,
-                hard_label=hard_label,
-                T=T,
-                use_interleave=use_interleave,
-            )
-        optimizer.zero_grad(set_to_none=True)
+
+        def forward_backward(module: nn.Module) -> dict[str, Tensor]:
+            if module is compiled:
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs may be reused
+            with autocast_context(device, amp, amp_dtype):
+                out = fixmatch_forward(
+                    module, batch["x"], batch["y"], batch["u_w"], batch["u_s"],
+                    threshold=threshold, lambda_u=lambda_u, hard_label=hard_label, T=T, use_interleave=use_interleave,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(out["loss"]) if scaler is not None else out["loss"]).backward()
+            return out
+
+        if net["proven"]:
+            out = forward_backward(net["module"])
+        else:  # the first compiled step: compiling happens here
+            try:
+                out = forward_backward(net["module"])
+            except Exception as e:  # noqa: BLE001 - any compiler failure; a real error recurs eagerly below
+                logger.warning(
+                    "torch.compile failed at the first step (%s: %s); training goes on without it "
+                    "(set model.compile=off to skip compiling).", type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "",
+                )
+                net["module"] = model
+                out = forward_backward(model)
+            net["proven"] = True
         if scaler is not None:
-            scaler.scale(out["loss"]).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            out["loss"].backward()
             optimizer.step()
         mask = out["mask"]
         return {

@@ -146,7 +146,9 @@ def step_scalars(engine: Engine) -> dict[str, float]:
     """The step's output dict as floats, plus data and step time: called only where metrics are logged,
     so a GPU step never waits for the host otherwise."""
     out = engine.state.output
-    values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+    tensors = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+    read = torch.stack([out[k].detach().double() for k in tensors]).tolist() if tensors else []  # one device read
+    values = {k: float(v) for k, v in out.items() if k not in tensors} | dict(zip(tensors, read))
     for name in ("data_time", "step_time"):
         if hasattr(engine.state, name):
             values[name] = getattr(engine.state, name)

@@ -242,7 +242,7 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         logger.info(
             "Speed settings: augmentation %s%s, amp %s, channels_last %s, compile %s",
             AUGMENT_WHERE[data.augment], " as a CUDA graph" if isinstance(batch_transform, CudaGraphed) else "",
-            amp, "on" if m.channels_last else "off", "on" if compile_model else "off",
+            amp, "on" if m.channels_last else "off", f"on ({m.compile_mode})" if compile_model else "off",
         )
     model = idist.auto_model(model_from_config(cfg, sources.num_classes, sources.channels), sync_bn=m.sync_bn)
     optimizer = idist.auto_optim(build_optimizer(model, cfg))
@@ -255,7 +255,7 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         threshold=cfg.fixmatch.threshold, lambda_u=cfg.fixmatch.lambda_u, hard_label=cfg.fixmatch.hard_label,
         T=cfg.fixmatch.T, use_interleave=cfg.fixmatch.interleave, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
         channels_last=m.channels_last, scaler=scaler, batch_transform=batch_transform,
-        compile_model=compile_model,
+        compile_model=compile_model, compile_mode=m.compile_mode,
     )
     trainer.logger = setup_logger("trainer", level=logging.WARNING, distributed_rank=rank)
     attach_step_timer(trainer)

@@ -190,3 +190,55 @@ def test_amp_auto_is_bfloat16_on_gpus_and_off_on_cpus():
     assert resolve_amp_dtype(gpu, "float16") == torch.float16
     assert needs_grad_scaler(cpu, True, "float16") and not needs_grad_scaler(cpu, None, "float16")
     assert not needs_grad_scaler(cpu, True, "bfloat16")
+
+
+def test_reduce_overhead_mode_trains_like_eager_on_cpu():
+    """The default compile mode (reduce-overhead: CUDA graphs on a GPU) compiles and trains on a CPU too."""
+    import torch._dynamo
+
+    def run(compile_model):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = create_trainer(
+            model, opt, torch.device("cpu"), threshold=0.0, lambda_u=1.0, hard_label=True, T=1.0,
+            compile_model=compile_model, compile_mode="reduce-overhead",
+        )
+        trainer.run([_batch()] * 3, max_epochs=1)
+        return model
+
+    torch._dynamo.reset()
+    eager, compiled = run(False), run(True)
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_model_that_cannot_be_compiled_trains_eagerly_with_a_warning(monkeypatch, caplog):
+    """A real compiler failure (no C++ compiler for inductor's CPU kernels) at the first step: the run
+    warns once and trains without compiling, with the eager run's weights."""
+    import logging
+
+    import torch._dynamo
+    import torch._inductor.config
+
+    def run(compile_model):
+        torch.manual_seed(2)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 7), nn.ReLU(), nn.Linear(7, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = create_trainer(
+            model, opt, torch.device("cpu"), threshold=0.0, lambda_u=1.0, hard_label=True, T=1.0, compile_model=compile_model,
+        )
+        trainer.run([_batch()] * 3, max_epochs=1)
+        return model
+
+    eager = run(False)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-cxx-compiler",))
+    with caplog.at_level(logging.WARNING, logger="ignite_fixmatch.fixmatch"):
+        fallback = run(True)
+    torch._dynamo.reset()
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed at the first step" in r.getMessage()]
+    assert len(warnings) == 1 and "model.compile=off" in warnings[0]
+    for a, b in zip(eager.parameters(), fallback.parameters()):
+        assert torch.equal(a, b)
