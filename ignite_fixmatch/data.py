@@ -12,7 +12,6 @@ Randomness that survives resume and any number of workers or processes:
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path

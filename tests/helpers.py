@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -97,3 +98,11 @@ def final_state_matches(reference: Path, run: Path, iteration: int = 20) -> None
     b = load_state(run / "checkpoints" / f"checkpoint_{iteration}.pt")
     for key in ("model", "ema_model", "optimizer", "lr_scheduler", "trainer"):
         assert_same_tensors(a[key], b[key], key)
+
+
+def kill_after_checkpoint(args: list[str], output_dir: Path, iteration: int = 10) -> None:
+    """Start a CLI run and SIGKILL it as soon as its checkpoint at ``iteration`` exists."""
+    proc = popen(args)
+    wait_for_file(output_dir / "checkpoints" / f"checkpoint_{iteration}.pt", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -1,13 +1,11 @@
 """The real command line on a generated image folder: outputs, errors, and exact resume after SIGKILL."""
 
 import json
-import os
-import signal
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import cli, final_state_matches, popen, tiny_overrides, wait_for_file
+from helpers import cli, final_state_matches, kill_after_checkpoint, tiny_overrides
 
 
 def test_run_writes_its_outputs(finished_run):
@@ -66,10 +64,7 @@ def test_sigkill_then_resume_is_bit_identical(finished_run, folder, tmp_path):
     reference, _ = finished_run
     out = tmp_path / "killed"
     args = ["configs/quickstart.yaml", *tiny_overrides(folder, out, "train.num_iters=20")]
-    proc = popen(args)
-    wait_for_file(out / "checkpoints" / "checkpoint_10.pt", proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(args, out)
     assert not (out / "checkpoints" / "checkpoint_20.pt").exists()
     result = cli([*args, "resume=auto"])
     assert result.returncode == 0, result.stderr[-3000:]

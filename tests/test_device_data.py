@@ -6,14 +6,12 @@ Runs on the CPU here (the same code as on a GPU); the CUDA variants run where a 
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import cli, final_state_matches, popen, tiny_overrides, wait_for_file
+from helpers import cli, final_state_matches, kill_after_checkpoint, tiny_overrides
 from ignite_fixmatch.config import load_config
 from ignite_fixmatch.data import LABELED, UNLABELED, InfiniteShardedBatchSampler, build_data, build_eval_loader
 from ignite_fixmatch.datasets import build_sources
@@ -118,10 +116,7 @@ def test_device_data_trains_and_resumes_bit_identically_after_sigkill(tmp_path, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "augmentation batched on the device (data set held there)" in result.stderr
     args = ["configs/quickstart.yaml", *tiny_overrides(folder, killed, "data.augment=device")]
-    proc = popen(args)
-    wait_for_file(killed / "checkpoints" / "checkpoint_10.pt", proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(args, killed)
     assert not (killed / "checkpoints" / "checkpoint_20.pt").exists()
     resumed = cli([*args, "resume=auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
