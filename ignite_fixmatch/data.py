@@ -135,6 +135,12 @@ class AugmentedDataset(Dataset):
         return (*(view(img, rng) for view in self.views), int(self.source.targets[idx]))
 
 
+def uint8_images(source: ImageSource, indices: np.ndarray) -> torch.Tensor:
+    """Images ``indices`` of ``source`` as uint8 NCHW: the gathered (k, H, W, C) array seen through
+    channels_last strides (no copy; the model's layout when it runs channels_last)."""
+    return torch.from_numpy(source.uint8_batch(indices)).permute(0, 3, 1, 2)
+
+
 class EvalDataset(Dataset):
     """The test split as uint8 images (C, H, W) and labels, fetched a whole batch at a time
     (``__getitems__``): one array gather for in-memory data sets, no per-sample Python. The evaluator
@@ -152,9 +158,7 @@ class EvalDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
-        # (k, H, W, C) seen as NCHW: channels_last strides, which the evaluator keeps without a copy
-        images = torch.from_numpy(self.source.uint8_batch(idx)).permute(0, 3, 1, 2)
-        return images, torch.from_numpy(self.source.targets[idx])
+        return uint8_images(self.source, idx), torch.from_numpy(self.source.targets[idx])
 
 
 def _batch_as_fetched(batch: Any) -> Any:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ignite_fixmatch.augment_batched import BatchedAugment
-from ignite_fixmatch.data import LABELED, UNLABELED, FixMatchData, _permutation, hash_seed
+from ignite_fixmatch.data import LABELED, UNLABELED, FixMatchData, ShardedEvalSampler, _permutation, hash_seed, uint8_images
 from ignite_fixmatch.datasets import ImageSource
 
 DRAWS = 1  # seed tag: the augmentation draws of a batch, independent of the permutation of a pass
@@ -30,8 +30,7 @@ DRAWS = 1  # seed tag: the augmentation draws of a batch, independent of the per
 def source_uint8(source: ImageSource, indices: np.ndarray | None = None, chunk: int = 4096) -> Tensor:
     """Images of ``source`` (all, or ``indices``) as one uint8 tensor (N, C, H, W) on the host."""
     idx = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
-    parts = [source.uint8_batch(idx[i : i + chunk]) for i in range(0, len(idx), chunk)]
-    return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
+    return torch.cat([uint8_images(source, idx[i : i + chunk]) for i in range(0, len(idx), chunk)]).contiguous()
 
 
 class DevicePool:
@@ -131,7 +130,7 @@ class DeviceEvalBatches:
     rank + world, ...: every image once), for the evaluator; no loader, no host work."""
 
     def __init__(self, source: ImageSource, batch_size: int, rank: int, world_size: int, device: torch.device) -> None:
-        shard = np.arange(rank, len(source), world_size)
+        shard = np.asarray(ShardedEvalSampler(len(source), rank, world_size).indices)
         self.images = source_uint8(source, shard).to(device)
         self.targets = torch.as_tensor(source.targets[shard], device=device)
         self.batch_size = batch_size // world_size
