@@ -100,7 +100,7 @@ class DeviceResidentStream:
         self.generator = torch.Generator(device=device)
         self.size = (train.shape[3], train.shape[2])  # (width, height), as the views' draws expect
 
-    def _draws(self, view, stream: int, b: int, global_batch: int) -> Tensor:
+    def _draws(self, view, global_batch: int) -> Tensor:
         """This rank's share of the parameter rows of global batch ``b`` (drawn whole: any world size agrees)."""
         rows = view.sample_torch(global_batch, self.size, self.generator)
         return rows[self.rank :: self.world_size]
@@ -112,10 +112,10 @@ class DeviceResidentStream:
         x, y = self.labeled.gather(self.labeled.positions(b * b_l + self.rank, b_l - self.rank, self.world_size, self.seed, LABELED))
         u, u_y = self.unlabeled.gather(self.unlabeled.positions(b * b_u + self.rank, b_u - self.rank, self.world_size, self.seed, UNLABELED))
         self.generator.manual_seed(hash_seed(self.seed, LABELED, b, DRAWS))
-        x_weak = self._draws(weak, LABELED, b, b_l)
+        x_weak = self._draws(weak, b_l)
         self.generator.manual_seed(hash_seed(self.seed, UNLABELED, b, DRAWS))
-        u_weak = self._draws(weak, UNLABELED, b, b_u)
-        u_strong = self._draws(strong, UNLABELED, b, b_u)
+        u_weak = self._draws(weak, b_u)
+        u_strong = self._draws(strong, b_u)
         return {"x": x, "x_weak": x_weak, "y": y, "u": u, "u_weak": u_weak, "u_strong": u_strong, "u_y": u_y}
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
