@@ -868,14 +868,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     table.add(machine, "load average at start", " ".join(f"{x:.1f}" for x in os.getloadavg()), "shared machine: medians over alternating rounds")
     n = 4096 if gpu else (1024 if quick else 2048)
     mm = matmul_gflops(device, n, rounds * 2)
+    steps = 20 if gpu else (1 if quick else 2)  # timed steps per round of sections 3 and 4
+
+    def matmul_round() -> float:
+        """One round's matmul rate, measured among the contenders of sections 3 and 4."""
+        return matmul_gflops(device, n, 1)[0]
     table.add(machine, f"fp32 matmul ({device.type}, {torch.get_num_threads()} threads)", fmt_rate(mm, "GFLOP/s"), "the 100 % mark (measured again within each section's rounds)")
 
     if "aug" not in skip:
         bench_augmentation(table, device, 448, rounds + 2)  # the unlabeled batch of a real run (64 x 7)
     if "model" not in skip:
-        bench_model_step(table, device, b, 7, 20 if gpu else (1 if quick else 2), rounds, compile_on, lambda: matmul_gflops(device, n, 1)[0])
+        bench_model_step(table, device, b, 7, steps, rounds, compile_on, matmul_round)
     if "full" not in skip:
-        bench_full_step(table, device, b, 7, 20 if gpu else (1 if quick else 2), rounds, compile_on, lambda: matmul_gflops(device, n, 1)[0])
+        bench_full_step(table, device, b, 7, steps, rounds, compile_on, matmul_round)
     if "parts" not in skip and gpu:
         bench_step_parts(table, device, b, 7, 50, compile_on)
     if "overhead" not in skip:
