@@ -95,6 +95,9 @@ class ModelConfig:
     # torch.compile's mode. reduce-overhead also replays forward and backward as CUDA graphs (GPU): on an
     # H100 the WRN-28-2 step took 13.4 ms against 22.6 ms in the default mode and 20.4 ms eager.
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "reduce-overhead"
+    # cuDNN times its convolution algorithms for the step's shapes once and keeps the fastest (GPU only).
+    # Its choice can differ between runs: false for bit-identical repeats of a GPU run.
+    cudnn_benchmark: bool = True
 
 
 @dataclass

@@ -19,6 +19,9 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 
+METRICS = ("loss", "loss_x", "loss_u", "mask_rate", "pseudo_acc")  # what one update reports, in order
+
+
 class NonFiniteLossError(RuntimeError):
     """Training diverged (NaN or inf loss); the message names the iteration and the last good checkpoint."""
 
@@ -163,15 +166,26 @@ def create_trainer(
 
     ``scaler``: a GradScaler for float16 AMP (the caller owns it, so the checkpoint can hold it).
     ``batch_transform`` runs on the device before the forward (e.g. batched augmentation on the GPU).
-    ``compile_model``: the forward goes through ``torch.compile(model)``, a wrapper that shares the
-    model's parameters; the model itself (its state dict, the EMA copy, evaluation) stays uncompiled.
+    ``compile_model``: the forward, the losses and the step's metrics go through one ``torch.compile``d
+    function (the losses fuse with the model's last layers, and "reduce-overhead" replays them in the
+    same CUDA graphs); the model itself (its state dict, the EMA copy, evaluation) stays uncompiled.
     ``compile_mode``: torch.compile's mode; "reduce-overhead" also replays forward and backward as CUDA
     graphs on a GPU. If the first compiled step fails (a model or backend that cannot be compiled), the
     run warns and goes on without compiling; a later failure is raised.
     """
-    compiled = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile_model else None
-    net = {"module": compiled or model, "proven": compiled is None}
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def losses_and_metrics(x: Tensor, y: Tensor, u_w: Tensor, u_s: Tensor, u_y: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss to back-propagate, the metrics of METRICS stacked in one vector)."""
+        out = fixmatch_forward(
+            model, x, y, u_w, u_s, threshold=threshold, lambda_u=lambda_u, hard_label=hard_label, T=T, use_interleave=use_interleave,
+        )
+        mask = out["mask"]
+        metrics = torch.stack([out["loss"].detach(), out["loss_x"], out["loss_u"], mask.mean(), masked_accuracy(out["pseudo"], u_y, mask)])
+        return out["loss"], metrics
+
+    compiled = torch.compile(losses_and_metrics, mode=None if compile_mode == "default" else compile_mode) if compile_model else None
+    step = {"fn": compiled or losses_and_metrics, "proven": compiled is None}
 
     def to_device(t: Tensor) -> Tensor:
         t = t.to(device, non_blocking=True)  # a no-op for data already there (data.augment=device)
@@ -184,45 +198,34 @@ def create_trainer(
         if batch_transform is not None:
             batch = batch_transform(batch)
 
-        def forward_backward(module: nn.Module) -> dict[str, Tensor]:
-            if module is compiled:
+        def forward_backward(fn: Callable[..., tuple[Tensor, Tensor]]) -> Tensor:
+            if fn is compiled:
                 torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs may be reused
             with autocast_context(device, amp, amp_dtype):
-                out = fixmatch_forward(
-                    module, batch["x"], batch["y"], batch["u_w"], batch["u_s"],
-                    threshold=threshold, lambda_u=lambda_u, hard_label=hard_label, T=T, use_interleave=use_interleave,
-                )
+                loss, metrics = fn(batch["x"], batch["y"], batch["u_w"], batch["u_s"], batch["u_y"])
             optimizer.zero_grad(set_to_none=True)
-            (scaler.scale(out["loss"]) if scaler is not None else out["loss"]).backward()
-            return out
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            return metrics.clone()  # a CUDA graph's output is overwritten by the next replay; handlers read it later
 
-        if net["proven"]:
-            out = forward_backward(net["module"])
+        if step["proven"]:
+            metrics = forward_backward(step["fn"])
         else:  # the first compiled step: compiling happens here
             try:
-                out = forward_backward(net["module"])
+                metrics = forward_backward(step["fn"])
             except Exception as e:  # noqa: BLE001 - any compiler failure; a real error recurs eagerly below
                 logger.warning(
                     "torch.compile failed at the first step (%s: %s); training goes on without it "
                     "(set model.compile=off to skip compiling).", type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "",
                 )
-                net["module"] = model
-                out = forward_backward(model)
-            net["proven"] = True
+                step["fn"] = losses_and_metrics
+                metrics = forward_backward(losses_and_metrics)
+            step["proven"] = True
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
-        mask = out["mask"]
-        return {
-            "loss": out["loss"].detach(),
-            "loss_x": out["loss_x"],
-            "loss_u": out["loss_u"],
-            "mask_rate": mask.mean(),
-            "pseudo_acc": masked_accuracy(out["pseudo"], batch["u_y"], mask),
-            "lr": optimizer.param_groups[0]["lr"],
-        }
+        return {**dict(zip(METRICS, metrics.unbind())), "lr": optimizer.param_groups[0]["lr"]}
 
     return Engine(update)
 

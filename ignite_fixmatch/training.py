@@ -236,13 +236,15 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
 
     m = cfg.model
     compile_model = m.compile == "on" or (m.compile == "auto" and device.type == "cuda")
+    torch.backends.cudnn.benchmark = m.cudnn_benchmark and device.type == "cuda"  # shapes are fixed from step to step
     batch_transform = augmentation_on_device(data, cfg, device)
     if rank == 0:
         amp = f"on ({str(resolve_amp_dtype(device, cfg.amp_dtype)).removeprefix('torch.')})" if amp_enabled(device, cfg.amp) else "off"
         logger.info(
-            "Speed settings: augmentation %s%s, amp %s, channels_last %s, compile %s",
+            "Speed settings: augmentation %s%s, amp %s, channels_last %s, compile %s, cudnn.benchmark %s",
             AUGMENT_WHERE[data.augment], " as a CUDA graph" if isinstance(batch_transform, CudaGraphed) else "",
             amp, "on" if m.channels_last else "off", f"on ({m.compile_mode})" if compile_model else "off",
+            "on" if torch.backends.cudnn.benchmark else "off",
         )
     model = idist.auto_model(model_from_config(cfg, sources.num_classes, sources.channels), sync_bn=m.sync_bn)
     optimizer = idist.auto_optim(build_optimizer(model, cfg))
