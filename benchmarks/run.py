@@ -9,6 +9,8 @@ Sections (each a block of the table):
 3. model step: WRN-28-2 forward + backward + SGD over labeled + weak + strong in one forward
    (1:7:7), NCHW vs channels_last, eager vs torch.compile, fp32 vs bf16 where the hardware has it,
    as images/s and as a fraction of the matmul rate (1.285 GFLOP per 32x32 image);
+3b. (CPU) the same step's convolutions alone, forward, input gradient and weight gradient timed apart:
+   the convolution library's rate, and so the most a whole step can reach on this machine;
 4. full training step through our Engine, data included: a reference-style step (NCHW, eager,
    fp32, per-image PIL augmentation) against ours (channels_last, batched augmentation, compile
    when on);
@@ -393,6 +395,88 @@ def bench_model_step(table: Table, device: torch.device, b: int, mu: int, steps:
     return results
 
 
+@dataclass(frozen=True)
+class ConvShape:
+    """One convolution of the model as it runs in a step: its input shape and its parameters."""
+    x: tuple[int, ...]
+    w: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    first: bool  # the stem: its input (the images) needs no gradient
+
+    def gflop(self) -> float:
+        """One pass (forward, input gradient or weight gradient): 2 * multiply-adds."""
+        n, _, h, w = self.x
+        co, ci, kh, kw = self.w
+        ho, wo = (h + 2 * self.padding[0] - kh) // self.stride[0] + 1, (w + 2 * self.padding[1] - kw) // self.stride[1] + 1
+        return 2 * n * co * ci * kh * kw * ho * wo / 1e9
+
+
+def model_convolutions(model: torch.nn.Module, x: torch.Tensor) -> list[ConvShape]:
+    """Every Conv2d call of one forward (hooks on the real model), in order."""
+    shapes: list[ConvShape] = []
+
+    def hook(module: torch.nn.Conv2d, args: tuple) -> None:
+        shapes.append(ConvShape(tuple(args[0].shape), tuple(module.weight.shape), module.stride, module.padding, not shapes))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return shapes
+
+
+def bench_convolutions(table: Table, device: torch.device, b: int, mu: int, rounds: int, matmul: Callable[[], float]) -> None:
+    """The convolutions of one WRN-28-2 step alone, channels_last fp32 (the CPU default), each pass timed
+    apart: what the convolution library reaches, and so the most a whole step could reach."""
+    images = b * (1 + 2 * mu)
+    section = f"3b. the model step's convolutions alone ({images} images, channels_last, fp32, {torch.get_num_threads()} threads)"
+    torch.manual_seed(0)
+    model = build_model("wrn", 10).to(device).to(memory_format=torch.channels_last)
+    cl = torch.channels_last
+    convs = model_convolutions(model, torch.randn(images, 3, SIZE, SIZE, device=device).contiguous(memory_format=cl))
+    tensors = []
+    for c in convs:
+        x = torch.randn(c.x, device=device).contiguous(memory_format=cl)
+        w = torch.randn(c.w, device=device).contiguous(memory_format=cl)
+        y = torch.ops.aten.convolution(x, w, None, c.stride, c.padding, [1, 1], False, [0, 0], 1)
+        tensors.append((x, w, torch.randn_like(y)))
+
+    def one_pass(kind: str) -> Callable[[], float]:
+        def run() -> float:
+            work, t0 = 0.0, time.perf_counter()
+            for c, (x, w, gy) in zip(convs, tensors):
+                if kind == "forward":
+                    torch.ops.aten.convolution(x, w, None, c.stride, c.padding, [1, 1], False, [0, 0], 1)
+                elif kind == "input gradient" and c.first:
+                    continue  # the images need no gradient: the step skips this pass too
+                else:
+                    mask = [kind == "input gradient", kind == "weight gradient", False]
+                    torch.ops.aten.convolution_backward(gy, x, w, None, c.stride, c.padding, [1, 1], False, [0, 0], 1, mask)
+                work += c.gflop()
+            sync(device)
+            return work / (time.perf_counter() - t0)
+        return run
+
+    kinds = ("forward", "input gradient", "weight gradient")
+    for kind in kinds:
+        one_pass(kind)()  # warm-up: the library picks and caches its kernels
+    results = alternate({**{k: one_pass(k) for k in kinds}, MATMUL: matmul}, rounds)
+    mm = results.pop(MATMUL)
+    table.add(section, MATMUL, fmt_rate(mm, "GFLOP/s"), "measured between the passes")
+    for kind, rates in results.items():
+        share = statistics.median(r / m for r, m in zip(rates, mm))
+        table.add(section, f"{kind} ({len(convs)} convolutions)", fmt_rate(rates, "GFLOP/s"), f"{share:.0%} of matmul")
+    work = {k: sum(c.gflop() for c in convs if not (k == "input gradient" and c.first)) for k in kinds}
+    seconds = [sum(work[k] / results[k][r] for k in kinds) for r in range(rounds)]
+    ceiling = [images / t for t in seconds]
+    table.add(
+        section, "all three passes: a step with nothing but its convolutions", fmt_rate(ceiling),
+        f"{of_matmul(ceiling, mm)}: the ceiling of a whole step on this library ({sum(work.values()) / images:.3f} GFLOP per image in convolutions)",
+    )
+
+
 # ---------------------------------------------------------------- 4. full training step through the Engine
 
 
@@ -416,17 +500,20 @@ def batched_stream(pool_t: torch.Tensor, b: int, mu: int, views: Views) -> Itera
 
 
 def engine_images_per_s(trainer: Any, data: Iterator, iters: int, images: int, device: torch.device) -> float:
-    """Images/s over the iterations after the first, timed by Engine events. The trainer runs again
-    from iteration 0 each call (Ignite restarts a finished run), keeping what it compiled."""
+    """Images/s over the iterations after the first, timed by Engine events. The device is waited for
+    only after the first and the last iteration: in between, the host runs ahead as in training. The
+    trainer runs again from iteration 0 each call (Ignite restarts a finished run), keeping what it compiled."""
     from ignite.engine import Events
 
     marks: list[float] = []
 
-    def _mark(_: Any) -> None:
-        sync(device)
-        marks.append(time.perf_counter())
+    def _mark(engine: Any) -> None:
+        if engine.state.iteration in (1, iters + 1):
+            sync(device)
+            marks.append(time.perf_counter())
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, _mark)
+    trainer.state.max_epochs = trainer.state.max_iters = None  # Ignite: a new run from iteration 0
     try:
         trainer.run(data, max_iters=iters + 1, epoch_length=iters + 1)
     finally:
@@ -528,6 +615,17 @@ def bench_step_parts(table: Table, device: torch.device, b: int, mu: int, iters:
         f"augmentation as a CUDA graph ({'recorded' if graphed.graph is not None else 'NOT recorded'}, "
         f"{'bit-identical' if same else 'DIFFERENT'} to eager)": lambda: graphed(batch),
     }
+    compiled_aug = torch.compile(aug.__call__, dynamic=False)  # one kernel set per view's batch shape
+    try:
+        compiled = compiled_aug(batch)
+        keys = ("x", "u_w", "u_s")
+        off = max((compiled[k] - eager[k]).abs().max().item() for k in keys)
+        differing = sum((compiled[k] != eager[k]).sum().item() for k in keys) / sum(eager[k].numel() for k in keys)
+        graphed_compiled = CudaGraphed(compiled_aug)
+        parts[f"augmentation compiled (max |diff| from eager {off:.3g}, {differing:.3%} of values differ)"] = lambda: compiled_aug(batch)
+        parts["augmentation compiled, as a CUDA graph"] = lambda: graphed_compiled(batch)
+    except Exception as e:  # noqa: BLE001 - report what this torch cannot compile, time the rest
+        table.add(section, "augmentation compiled", "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
     views_batch = {**aug(batch), "y": batch["y"]}
     call, model, optimizer = make_model(StepConfig(True, False, True), device)
     parts["model step (channels_last, eager, bf16)"] = step_fn(call, optimizer, views_batch, device, True)
@@ -848,7 +946,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per comparison (default 3, quick 2)")
     parser.add_argument("--labeled", type=int, default=None, help="labeled images per step (x 15 in all; default 4 on CPU, 64 on GPU, quick 2)")
     parser.add_argument("--json", type=Path, default=None, help="also write the table rows here")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: aug,model,full,parts,overhead")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: aug,model,conv,full,parts,overhead")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -882,6 +980,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         bench_augmentation(table, device, 448, rounds + 2)  # the unlabeled batch of a real run (64 x 7)
     if "model" not in skip:
         bench_model_step(table, device, b, 7, steps, rounds, compile_on, matmul_round)
+    if "conv" not in skip and not gpu:
+        bench_convolutions(table, device, b, 7, rounds, matmul_round)
     if "full" not in skip:
         bench_full_step(table, device, b, 7, steps, rounds, compile_on, matmul_round)
     if "parts" not in skip and gpu:

@@ -41,8 +41,9 @@ class WindowAverage:
 
 
 class Progress:
-    """Iteration, speed, ETA, and loss, loss_x, loss_u, mask rate averaged over the last ``every``
-    iterations. ``mode``: auto (a bar if stdout is a terminal), bar, log."""
+    """Iteration, loss, loss_x, loss_u and mask rate averaged over the last ``every`` iterations, and the
+    speed over them (the ETA assumes it holds: compiling at the start does not skew it).
+    ``mode``: auto (a bar if stdout is a terminal), bar, log."""
 
     rank_zero_only = True
 
@@ -64,21 +65,22 @@ class Progress:
             )
             return
         logger, total = ctx.logger, ctx.config.train.num_iters
-        start: dict[str, float] = {}
+        last: dict[str, float] = {}  # time and iteration of the last line: speed and ETA from the latest window
 
         @trainer.on(Events.STARTED)
         def _started(engine: Engine) -> None:
-            start["time"], start["iteration"] = time.perf_counter(), engine.state.iteration
+            last["time"], last["iteration"] = time.perf_counter(), engine.state.iteration
 
         def _log(engine: Engine) -> None:
-            done = engine.state.iteration - start["iteration"]
-            elapsed = time.perf_counter() - start["time"]
-            eta = elapsed / max(done, 1) * (total - engine.state.iteration)
+            now = time.perf_counter()
+            rate = (engine.state.iteration - last["iteration"]) / max(now - last["time"], 1e-9)
+            last["time"], last["iteration"] = now, engine.state.iteration
+            eta = (total - engine.state.iteration) / max(rate, 1e-9)
             m = window.read()
             logger.info(
                 "iteration %d/%d  loss %.4f  loss_x %.4f  loss_u %.4f  mask_rate %.3f  lr %.5f  %.1f it/s  ETA %s",
                 engine.state.iteration, total, m["loss"], m["loss_x"], m["loss_u"], m["mask_rate"],
-                engine.state.output["lr"], done / max(elapsed, 1e-9), timedelta(seconds=int(eta)),
+                engine.state.output["lr"], rate, timedelta(seconds=int(eta)),
             )
 
         @trainer.on(Events.ITERATION_COMPLETED)

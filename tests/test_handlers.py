@@ -2,7 +2,9 @@
 
 import logging
 import math
+import re
 import statistics
+import time
 
 import pytest
 import torch
@@ -289,3 +291,19 @@ def test_progress_averages_the_window_since_the_last_line(tmp_path, caplog):
     assert len(lines) == 2
     assert "iteration 4/8  loss 2.5000" in lines[0] and "iteration 8/8  loss 6.5000" in lines[1]  # means of 1-4 and 5-8
     assert "mask_rate 0.500" in lines[0] and "ETA" in lines[0]
+
+
+def test_progress_speed_and_eta_come_from_the_latest_window(tmp_path, caplog):
+    """A slow first window (compiling) must not drag the speed or the ETA of later lines."""
+    def step(engine, batch):
+        time.sleep(0.4 if engine.state.iteration == 1 else 0.005)
+        return {"loss": torch.tensor(1.0), "loss_x": torch.tensor(1.0), "loss_u": torch.tensor(0.0), "mask_rate": torch.tensor(0.5), "lr": 0.03}
+
+    ctx = make_ctx(tmp_path, nn.Linear(2, 2), 8, step)
+    ctx.logger = logging.getLogger("progress-speed-test")
+    attach_all(build_handlers([HandlerSpec("progress", {"every": 4, "mode": "log"})]), ctx)
+    with caplog.at_level(logging.INFO, logger="progress-speed-test"):
+        ctx.trainer.run([0] * 8, max_epochs=1)
+    rates = [float(re.search(r"([\d.]+) it/s", r.getMessage()).group(1)) for r in caplog.records]
+    assert len(rates) == 2
+    assert rates[0] < 12 and rates[1] > 3 * rates[0]  # 4 its in >= 0.4 s, then 4 in ~0.02 s (overall: < 2x)
