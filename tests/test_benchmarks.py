@@ -4,15 +4,19 @@ speeds belong in the benchmark's own table, not in tests)."""
 from __future__ import annotations
 
 import json
+import re
 
-from benchmarks.run import main
+import pytest
+
+from benchmarks import profile_step
+from benchmarks.run import GFLOP_PER_IMAGE, main
 
 
 def test_quick_benchmark_prints_each_section(tmp_path, capsys):
     out = tmp_path / "rows.json"
     main(["--quick", "--rounds", "1", "--labeled", "1", "--skip", "model", "--json", str(out)])
     table = capsys.readouterr().out
-    for heading in ("1. machine", "2. augmentation", "4. full training step", "5. framework overhead"):
+    for heading in ("1. machine", "2. augmentation", "3b. the model step's convolutions", "4. full training step", "5. framework overhead"):
         assert heading in table
     rows = json.loads(out.read_text())
     values = {r["item"]: r["value"] for r in rows}
@@ -20,3 +24,14 @@ def test_quick_benchmark_prints_each_section(tmp_path, capsys):
     assert any(item.startswith("ours:") for item in values) and any(item.startswith("reference style") for item in values)
     assert any("default handlers" in item for item in values)
     assert any(r["note"].endswith("of matmul") or "of matmul," in r["note"] for r in rows)
+    # 3b hooks the real model's convolutions: their work must add up to the 1.285 GFLOP per image counted for the step
+    ceiling = next(r for r in rows if r["item"].startswith("all three passes"))
+    assert f"{GFLOP_PER_IMAGE:.3f} GFLOP per image in convolutions" in ceiling["note"]
+
+
+def test_profile_step_reports_the_trainers_step_and_its_top_operators(capsys):
+    profile_step.main(["--device", "cpu", "--compile-mode", "off", "--labeled", "1", "--steps", "1", "--rows", "5"])
+    out = capsys.readouterr().out
+    host, wall = map(float, re.search(r"host ([\d.]+) ms/step, wall ([\d.]+) ms/step", out).groups())
+    assert 0 < host <= wall * 1.01
+    assert "aten::convolution_backward" in out and "15 images per step" in out
