@@ -89,9 +89,9 @@ class ModelConfig:
     sync_bn: bool = False
     # NHWC memory layout: faster convolutions on recent CPUs and GPUs.
     channels_last: bool = True
-    # torch.compile the training forward and the FixMatch losses (one function). auto: on a GPU (a minute
-    # of compiling pays off over a run), off on a CPU (about 2 minutes of compiling for about 1.1-1.2x
-    # here). The saved model is never compiled.
+    # torch.compile the training forward and the FixMatch losses (one function). auto: on a GPU; on a CPU
+    # for runs of 10,000 iterations or more (about a minute of compiling for about 1.3x after it).
+    # The saved model is never compiled.
     compile: Literal["auto", "on", "off"] = "auto"
     # torch.compile's mode. reduce-overhead also replays forward and backward as CUDA graphs (GPU): on an
     # H100 the trainer's WRN-28-2 step took 11.5 ms, against about 18 ms in the default mode and 17 ms eager.

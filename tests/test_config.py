@@ -1,9 +1,11 @@
 """The typed config: YAML + overrides, and a clear error for every kind of bad value."""
 
 import pytest
+import torch
 import yaml
 
 from ignite_fixmatch.config import Config, ConfigError, dump_yaml, from_dict, load_config, to_dict
+from ignite_fixmatch.training import compile_enabled
 
 
 def test_defaults_are_the_reference_hyper_parameters():
@@ -113,3 +115,13 @@ def test_amp_is_auto_by_default_and_takes_booleans():
     assert load_config(None).amp is None
     assert load_config(None, ["amp=true"]).amp is True
     assert load_config(None, ["amp=null"]).amp is None
+
+
+@pytest.mark.parametrize(
+    "setting, device, iters, expected",
+    [("auto", "cuda", 100, True), ("auto", "cpu", 9_999, False), ("auto", "cpu", 10_000, True), ("on", "cpu", 10, True), ("off", "cuda", 10**6, False)],
+)
+def test_compile_auto_is_on_for_gpus_and_long_cpu_runs(setting, device, iters, expected):
+    """A short CPU run would spend longer compiling than compiling saves; a GPU run always gains."""
+    cfg = load_config(None, [f"model.compile={setting}", f"train.num_iters={iters}"])
+    assert compile_enabled(cfg, torch.device(device)) is expected
