@@ -433,8 +433,8 @@ def bench_convolutions(table: Table, device: torch.device, b: int, mu: int, roun
     images = b * (1 + 2 * mu)
     section = f"3b. the model step's convolutions alone ({images} images, channels_last, fp32, {torch.get_num_threads()} threads)"
     torch.manual_seed(0)
-    model = build_model("wrn", 10).to(device).to(memory_format=torch.channels_last)
     cl = torch.channels_last
+    model = build_model("wrn", 10).to(device).to(memory_format=cl)
     convs = model_convolutions(model, torch.randn(images, 3, SIZE, SIZE, device=device).contiguous(memory_format=cl))
     tensors = []
     for c in convs:
