@@ -14,6 +14,7 @@ then prints:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -77,7 +78,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             step()
         sync(device)
     images = args.labeled * 15
-    print(f"# python -m benchmarks.profile_step {' '.join(argv if argv is not None else __import__('sys').argv[1:])}".rstrip())
+    print(f"# python -m benchmarks.profile_step {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"compile {args.compile_mode}, {images} images per step, first 3 steps {warm:.1f} s")
     print(f"host {host:.2f} ms/step, wall {wall:.2f} ms/step ({1e3 / wall:.1f} steps/s), "
