@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 
-
 from benchmarks import profile_step
 from benchmarks.run import GFLOP_PER_IMAGE, main
 
