@@ -22,19 +22,13 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.run import StepConfig, bf16_supported, fixmatch_batch, make_model, sync
-from ignite_fixmatch.fixmatch import create_trainer
+from benchmarks.run import StepConfig, bf16_supported, fixmatch_batch, make_trainer, sync
 
 
 def trainer_step(device: torch.device, b: int, mu: int, compile_mode: Optional[str]) -> Callable[[], Any]:
     """One call = one FixMatch update through the trainer's own process function."""
-    bf16 = bf16_supported(device)
-    _, model, optimizer = make_model(StepConfig(True, False, bf16), device)
-    trainer = create_trainer(
-        model, optimizer, device, threshold=0.95, lambda_u=1.0, hard_label=True, T=1.0,
-        amp=bf16, amp_dtype="bfloat16", channels_last=True,
-        compile_model=compile_mode is not None, compile_mode=compile_mode or "default",
-    )
+    cfg = StepConfig(channels_last=True, compiled=compile_mode is not None, bf16=bf16_supported(device))
+    trainer = make_trainer(cfg, device, compile_mode=compile_mode or "default")
     batch = {**fixmatch_batch(b, mu, device, True), "u_y": torch.zeros(b * mu, dtype=torch.long, device=device)}
     return lambda: trainer._process_function(trainer, batch)
 

@@ -499,6 +499,16 @@ def batched_stream(pool_t: torch.Tensor, b: int, mu: int, views: Views) -> Itera
         yield B.BatchedAugment.batch(labeled, (u, pw, ps, torch.zeros(b * mu, dtype=torch.long)))
 
 
+def make_trainer(cfg: StepConfig, device: torch.device, batch_transform: Optional[Callable] = None, compile_mode: str = COMPILE_MODE) -> Any:
+    """Our Engine over a fresh WRN-28-2 with ``cfg``'s settings, compiled the way the trainer compiles."""
+    _, model, optimizer = make_model(StepConfig(cfg.channels_last, False, cfg.bf16), device)
+    return create_trainer(
+        model, optimizer, device, threshold=0.95, lambda_u=1.0, hard_label=True, T=1.0,
+        amp=cfg.bf16, amp_dtype="bfloat16", channels_last=cfg.channels_last, batch_transform=batch_transform,
+        compile_model=cfg.compiled, compile_mode=compile_mode,
+    )
+
+
 def engine_images_per_s(trainer: Any, data: Iterator, iters: int, images: int, device: torch.device) -> float:
     """Images/s over the iterations after the first, timed by Engine events. The device is waited for
     only after the first and the last iteration: in between, the host runs ahead as in training. The
@@ -540,13 +550,7 @@ def bench_full_step(table: Table, device: torch.device, b: int, mu: int, steps: 
     }
     contenders = {}
     for name, (cfg, transform, data) in setups.items():
-        _, model, optimizer = make_model(StepConfig(cfg.channels_last, False, cfg.bf16), device)
-
-        trainer = create_trainer(  # compiled as the trainer compiles: once, kept across rounds
-            model, optimizer, device, threshold=0.95, lambda_u=1.0, hard_label=True, T=1.0,
-            amp=cfg.bf16, amp_dtype="bfloat16", channels_last=cfg.channels_last, batch_transform=transform,
-            compile_model=cfg.compiled, compile_mode=COMPILE_MODE,
-        )
+        trainer = make_trainer(cfg, device, transform)  # compiled once, kept across rounds
         engine_images_per_s(trainer, data, 1, images, device)  # warm-up (and compile)
 
         def run(trainer=trainer, data=data) -> float:
