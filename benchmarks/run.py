@@ -5,7 +5,8 @@ Sections (each a block of the table):
 1. machine: CPU/GPU, threads, load average, and the fp32 matrix-multiply rate (the 100 % mark);
 2. augmentation, per core (one thread, images per CPU-second of that thread): the per-image PIL path
    against the batched uint8 tensor path, same draws, weak and strong views, and a whole unlabeled
-   sample (weak + strong from a uint8 array, as the data set produces it);
+   sample (weak + strong from a uint8 array, as the data set produces it); and the number of kernels
+   one step's augmentation launches on the device path (what its time is on a GPU);
 3. model step: WRN-28-2 forward + backward + SGD over labeled + weak + strong in one forward
    (1:7:7), NCHW vs channels_last, eager vs torch.compile, fp32 vs bf16 where the hardware has it,
    as images/s and as a fraction of the matmul rate (1.285 GFLOP per 32x32 image);
@@ -23,6 +24,7 @@ medians over rounds (and the spread); the load average before and after is print
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import functools
@@ -45,6 +47,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ignite_fixmatch import augment as A
 from ignite_fixmatch import augment_batched as B
@@ -270,8 +273,51 @@ def bench_augmentation(table: Table, device: torch.device, n: int, rounds: int) 
         table.add(section, a, fmt_rate(results[a]))
         speedup = statistics.median(x / y for x, y in zip(results[b], results[a]))
         table.add(section, b, fmt_rate(results[b]), f"{speedup:.1f}x the PIL path")
+    table.add(
+        section, "device path (data.augment=device): kernels of one step's augmentation", f"{augmentation_kernels():,}",
+        "64 + 448 weak, 448 strong; operators counted on the meta device (953 before the one-pass slots)",
+    )
     if device.type == "cuda":
         bench_augmentation_cuda(table, device, pool_t, n * 4, rounds)
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts the operators that would each launch a device kernel: everything dispatched but views and
+    allocations (on a GPU a CUDA graph replays exactly these, so their number bounds its time there)."""
+
+    NO_KERNEL = frozenset({"empty", "empty_strided", "scalar_tensor", "lift_fresh", "detach", "alias", "_unsafe_view", "_local_scalar_dense"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - the dispatch protocol
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in self.NO_KERNEL:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def augmentation_kernels(b: int = 64, mu: int = 7, variant: str = "reference") -> int:
+    """Kernels of one step's batched augmentation on the device path (data.augment=device): weak views of
+    b + b*mu images and the strong view of b*mu, normalised. Run on the meta device: no pixels, and a host
+    read of device data inside the path would raise there, so it also shows that the path never syncs."""
+    aug = B.BatchedAugment(variant, PAD, "constant", True, MEAN, STD, channels_last=True)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "x": torch.empty(b, 3, SIZE, SIZE, dtype=torch.uint8), "y": torch.zeros(b, dtype=torch.long),
+        "x_weak": aug.weak.sample_torch(b, (SIZE, SIZE), g), "u": torch.empty(b * mu, 3, SIZE, SIZE, dtype=torch.uint8),
+        "u_weak": aug.weak.sample_torch(b * mu, (SIZE, SIZE), g), "u_strong": aug.strong.sample_torch(b * mu, (SIZE, SIZE), g),
+        "u_y": torch.zeros(b * mu, dtype=torch.long),
+    }
+    batch = {k: v.to("meta") for k, v in batch.items()}
+    with KernelCount() as count:
+        aug(batch)
+    return count.total
 
 
 def bench_augmentation_cuda(table: Table, device: torch.device, pool_t: torch.Tensor, n: int, rounds: int) -> None:

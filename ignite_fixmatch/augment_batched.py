@@ -10,11 +10,12 @@ module applies the *same* operations with the *same* parameter distributions to 
   switch path without changing what each sample gets, and resume stays exact. Draws cost a few
   microseconds per sample, no pixels. :meth:`BatchedView.sample_torch` draws the same distributions
   for a whole batch from a ``torch.Generator`` (on the GPU, for data that never leaves it).
-* **Applying** (:meth:`BatchedView.__call__`) loops over the op slots and the 14 ops, never over
-  images or pixels. With parameters on the CPU it sorts the samples by op and applies each op once
-  to its run; with parameters on a GPU it computes each op on the whole batch and selects with
-  ``torch.where``, so the host never waits for the device (no ``.item()``, no ``nonzero``, constants
-  cached per device, histograms without ``bincount``).
+* **Applying** (:meth:`BatchedView.__call__`) loops over the op slots, never over images or pixels.
+  With parameters on the CPU it sorts the samples by op and applies each op once to its run; with
+  parameters on a GPU each slot is three whole-batch passes whatever the ops (a level table per sample,
+  one blend, one geometric gather: :meth:`BatchedView._slots_by_mask`), so the host never waits for the
+  device (no ``.item()``, no ``nonzero``, constants cached per device, histograms without ``bincount``)
+  and the kernel count, which sets the time on a GPU, stays low.
 
 Parameters travel as one float64 tensor per view, one row per sample (see :class:`Layout`), so a
 batch dict of plain tensors can carry them to the device.
@@ -154,8 +155,9 @@ def _col(v: Tensor) -> Tensor:
 
 
 def _to_uint8(v: Tensor) -> Tensor:
-    """Float in [0, 255] -> uint8 by truncation (via int32: much faster than a direct cast on CPU)."""
-    return v.to(torch.int32).to(torch.uint8)
+    """Float in [0, 255] -> uint8 by truncation (on CPU via int32: much faster there than a direct cast;
+    on a GPU directly: the same values, one kernel fewer)."""
+    return v.to(torch.int32).to(torch.uint8) if v.device.type == "cpu" else v.to(torch.uint8)
 
 
 # ---------------------------------------------------------------- gathers and masks
@@ -231,6 +233,31 @@ def blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
     return _to_uint8(out.clamp_(0, 255))
 
 
+def _ramp(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The 256 levels 0..255 (a LUT's input), made once per device and dtype."""
+    return _const(tuple(range(256)), dtype, device)
+
+
+def _brightness_lut(m: Tensor) -> Tensor:
+    """(M, 256) uint8: Brightness as a table, the float32 f * level of :func:`brightness`."""
+    ramp = _ramp(torch.float32, m.device).view(1, 256)
+    return _to_uint8((ramp * m.to(torch.float32).view(-1, 1)).clamp_(0, 255))
+
+
+def _blend_lut(level: Tensor, m: Tensor) -> Tensor:
+    """(M, 256) uint8: :func:`blend` with a flat degenerate image ``level`` (M,), as a table."""
+    ramp = _ramp(torch.float32, m.device).view(1, 256)
+    d = level.to(torch.float32).view(-1, 1)
+    return _to_uint8((ramp - d).mul_(m.to(torch.float32).view(-1, 1)).add_(d).clamp_(0, 255))
+
+
+def _contrast_level(g: Tensor) -> Tensor:
+    """(M,) int64: the mean of each grey image rounded as ImageEnhance.Contrast does, int(mean + 0.5)."""
+    count = g[0].numel()
+    total = g.reshape(g.shape[0], -1).sum(dim=1, dtype=torch.int64)
+    return torch.div(2 * total + count, 2 * count, rounding_mode="floor")  # floor(mean + 1/2), exactly
+
+
 def brightness(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
     """Blend with black: f * x (adding the zero image changes nothing)."""
     return _to_uint8(x.to(torch.float32).mul_(_col(m.to(torch.float32))).clamp_(0, 255))
@@ -243,11 +270,7 @@ def color(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
 
 def contrast(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
     """Blend with the mean grey level, int(mean + 0.5) as ImageEnhance.Contrast computes it."""
-    g = grey(x)
-    count = g[0].numel()
-    total = g.reshape(g.shape[0], -1).sum(dim=1, dtype=torch.int64)
-    level = torch.div(2 * total + count, 2 * count, rounding_mode="floor")  # floor(mean + 1/2), exactly
-    return blend(_col(level.to(torch.float32)), x, m)
+    return blend(_col(_contrast_level(grey(x)).to(torch.float32)), x, m)
 
 
 def smooth(x: Tensor) -> Tensor:
@@ -271,10 +294,9 @@ def identity(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
     return x
 
 
-def auto_contrast(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
-    """ImageOps.autocontrast: per channel, lut[i] = int(i * s - lo * s) with s = 255 / (hi - lo), in float64.
-
-    A flat channel (hi <= lo) keeps its levels: scale 1, offset 0."""
+def _auto_contrast_lut(x: Tensor) -> Tensor:
+    """(M, C, 256) uint8: ImageOps.autocontrast's table, lut[i] = int(i * s - lo * s) with s = 255 / (hi - lo)
+    in float64, per channel. A flat channel (hi <= lo) keeps its levels: scale 1, offset 0."""
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     lo = flat.amin(dim=2, keepdim=True).to(torch.float64)
     hi = flat.amax(dim=2, keepdim=True).to(torch.float64)
@@ -282,25 +304,34 @@ def auto_contrast(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
     span = torch.where(flat_channel, 255.0, hi - lo)
     scale = torch.full_like(span, 255.0) / span  # a true division: `255.0 / span` multiplies by a reciprocal
     offset = torch.where(flat_channel, 0.0, -lo * scale)
-    ramp = torch.arange(256, dtype=torch.float64, device=x.device)
-    lut = (ramp * scale).add_(offset).clamp_(0, 255).to(torch.int32)  # int() truncates, as Python's int()
-    return apply_lut(x, lut)
+    lut = (_ramp(torch.float64, x.device) * scale).add_(offset).clamp_(0, 255)
+    return _to_uint8(lut)  # int() truncates, as Python's int()
 
 
-def equalize(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
-    """ImageOps.equalize: step = (total - count of the top level) // 255, lut[i] = (step//2 + sum_{j<i} h[j]) // step."""
-    mm, c = x.shape[:2]
-    index = _lut_index(x)
-    h = _counts(index.view(-1), mm * c * 256).view(mm, c, 256)
-    ramp = torch.arange(256, device=x.device)
+def auto_contrast(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
+    """ImageOps.autocontrast (see :func:`_auto_contrast_lut`)."""
+    return apply_lut(x, _auto_contrast_lut(x))
+
+
+def _equalize_lut(index: Tensor, m: int, c: int) -> Tensor:
+    """(M, C, 256) uint8: ImageOps.equalize's table from the images' :func:`_lut_index`:
+    step = (total - count of the top level) // 255, lut[i] = (step//2 + sum_{j<i} h[j]) // step."""
+    h = _counts(index.view(-1), m * c * 256).view(m, c, 256)
+    ramp = _ramp(torch.int64, index.device)
     nonzero = h > 0
     top = torch.where(nonzero, ramp, -1).amax(dim=2, keepdim=True)
     last_count = h.gather(2, top.clamp(min=0))
     step = (h.sum(dim=2, keepdim=True) - last_count) // 255
     before = torch.cumsum(h, dim=2) - h
     lut = ((step // 2 + before) // step.clamp(min=1)).clamp(max=255)  # Pillow clips the table to 8 bits
-    lut = torch.where((nonzero.sum(dim=2, keepdim=True) <= 1) | (step == 0), ramp, lut)
-    return lut.to(torch.uint8).reshape(-1).index_select(0, index.view(-1)).view(x.shape)
+    return torch.where((nonzero.sum(dim=2, keepdim=True) <= 1) | (step == 0), ramp, lut).to(torch.uint8)
+
+
+def equalize(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
+    """ImageOps.equalize (see :func:`_equalize_lut`)."""
+    index = _lut_index(x)
+    lut = _equalize_lut(index, x.shape[0], x.shape[1])
+    return lut.reshape(-1).index_select(0, index.view(-1)).view(x.shape)
 
 
 def _counts(index: Tensor, bins: int, use_bincount: Optional[bool] = None) -> Tensor:
@@ -312,18 +343,26 @@ def _counts(index: Tensor, bins: int, use_bincount: Optional[bool] = None) -> Te
     return torch.zeros(bins, dtype=torch.int64, device=index.device).index_add_(0, index, ones)
 
 
-def posterize(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
-    """Keep int(m) high bits (1..8), as augment.posterize truncates the float draw."""
+def _posterize_mask(m: Tensor) -> Tensor:
+    """(M,) uint8: the bits that int(m) high bits (1..8) keep, as augment.posterize truncates the float draw."""
     bits = torch.nan_to_num(m, nan=8.0).trunc().clamp(1, 8).to(torch.int32)
-    mask = (255 - ((1 << (8 - bits)) - 1)).to(torch.uint8)
-    return x & _col(mask)
+    return (255 - ((1 << (8 - bits)) - 1)).to(torch.uint8)
+
+
+def posterize(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
+    """Keep int(m) high bits (1..8)."""
+    return x & _col(_posterize_mask(m))
+
+
+def _solarize_lut(m: Tensor) -> Tensor:
+    """(M, 256) uint8: levels at or above the threshold inverted (0 inverts all, 256 nothing)."""
+    ramp = _ramp(torch.float64, m.device)
+    return torch.where(ramp < m.view(-1, 1).to(torch.float64), ramp, 255 - ramp).to(torch.uint8)
 
 
 def solarize(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
-    """Invert levels at or above the threshold (0 inverts all, 256 nothing), as a per-sample table."""
-    ramp = torch.arange(256, dtype=torch.float64, device=x.device)
-    lut = torch.where(ramp < m.view(-1, 1).to(x.device), ramp, 255 - ramp)  # (M, 256)
-    return apply_lut(x, lut.view(-1, 1, 256).expand(-1, x.shape[1], 256))
+    """Invert levels at or above the threshold, as a per-sample table."""
+    return apply_lut(x, _solarize_lut(m.to(x.device)).view(-1, 1, 256).expand(-1, x.shape[1], 256))
 
 
 # ---------------------------------------------------------------- geometry
@@ -367,19 +406,19 @@ def affine_source(mat: Tensor, width: int, height: int) -> Tensor:
     (ImagingScaleAffine): its start is then the exact floor(c + 0.5), steps stay 1.
     """
     n, dev = mat.shape[0], mat.device
-    a, b, c, d, e, f = (mat[:, i] for i in range(6))
-    fix = lambda v: torch.floor(v * 65536.0 + 0.5).to(torch.int32)  # noqa: E731
-    translation = (b == 0) & (d == 0)
-    start_x = torch.where(translation, torch.floor(c + a * 0.5).to(torch.int32) * 65536, fix(c + a * 0.5 + b * 0.5))
-    start_y = torch.where(translation, torch.floor(f + e * 0.5).to(torch.int32) * 65536, fix(f + d * 0.5 + e * 0.5))
-    ys = torch.arange(height, dtype=torch.int32, device=dev).view(1, height, 1)
-    xs = torch.arange(width, dtype=torch.int32, device=dev).view(1, 1, width)
-    col = lambda v: v.view(n, 1, 1)  # noqa: E731
-    sx = (col(start_x) + col(fix(b)) * ys) + col(fix(a)) * xs  # (n, h, w) in 16.16
-    sy = (col(start_y) + col(fix(e)) * ys) + col(fix(d)) * xs
-    sx = sx.bitwise_right_shift_(16).clamp_(-1, width)
-    sy = sy.bitwise_right_shift_(16).clamp_(-1, height)
-    return sy.mul_(width + 2).add_(sx).add_(width + 3)  # (sy + 1) * (w + 2) + (sx + 1)
+    a, b, c, d, e, f = mat.unbind(1)
+    translation = ((b == 0) & (d == 0)).view(n, 1)
+    # x and y side by side, and all six 16.16 roundings in one pass: a GPU pays per kernel, not per element
+    fixed = torch.stack([c + a * 0.5 + b * 0.5, f + d * 0.5 + e * 0.5, b, e, a, d], dim=1)
+    fixed = torch.floor(fixed * 65536.0 + 0.5).to(torch.int32)
+    start = torch.where(translation, torch.floor(torch.stack([c + a * 0.5, f + e * 0.5], dim=1)).to(torch.int32) * 65536, fixed[:, 0:2])
+    ys = torch.arange(height, dtype=torch.int32, device=dev).view(1, 1, height, 1)
+    xs = torch.arange(width, dtype=torch.int32, device=dev).view(1, 1, 1, width)
+    pair = lambda v: v.reshape(n, 2, 1, 1)  # noqa: E731
+    s = (pair(start) + pair(fixed[:, 2:4]) * ys) + pair(fixed[:, 4:6]) * xs  # (n, [x, y], h, w) in 16.16
+    s = torch.minimum(s.bitwise_right_shift_(16).clamp_(min=-1), _const((width, height), torch.int32, dev).view(1, 2, 1, 1))
+    sx, sy = s.unbind(1)
+    return (sy * (width + 2)).add_(sx).add_(width + 3)  # (sy + 1) * (w + 2) + (sx + 1)
 
 
 def affine(x: Tensor, mat: Tensor, fill: A.Fill) -> Tensor:
@@ -450,6 +489,8 @@ PIXEL_OPS: dict[str, PixelOp] = {
     "Solarize": solarize,
 }
 assert set(PIXEL_OPS) | set(AFFINE_OPS) == set(OP_NAMES)
+LUT_CANDIDATES = ("Identity", "Brightness", "Contrast", "AutoContrast", "Equalize", "Posterize", "Solarize")
+"""The ops that are a per-(sample, channel) table of levels; every other op's table is the identity."""
 
 
 def apply_op(name: str, x: Tensor, m: Tensor, fill: A.Fill, fractional_translate: bool) -> Tensor:
@@ -587,11 +628,10 @@ class BatchedView:
         fill, fractional = self._affine_fill(), self.variant == "reference"
         by_index = grouping == "index" or (grouping == "auto" and params.device.type == "cpu")
         ids_host = ids_all.to(torch.int64) if by_index else None
+        if not by_index:
+            return self._slots_by_mask(x, ids_all.to(torch.int64), mags_all, fill, fractional)
         for k in range(self.layout.n_ops):
-            if by_index:
-                x = self._slot_by_index(x, ids_host[:, k], mags_all[:, k], fill, fractional)
-            else:
-                x = self._slot_by_mask(x, ids_all[:, k].to(torch.int64), mags_all[:, k], fill, fractional)
+            x = self._slot_by_index(x, ids_host[:, k], mags_all[:, k], fill, fractional)
         return x
 
     @staticmethod
@@ -624,19 +664,56 @@ class BatchedView:
         return torch.cat(pieces).reshape(n, -1).index_select(0, inverse.to(dev)).view_as(x)
 
     @staticmethod
-    def _slot_by_mask(x: Tensor, ids: Tensor, mags: Tensor, fill: A.Fill, fractional: bool) -> Tensor:
-        """Every op on the whole batch, kept where chosen: no host synchronisation (for GPU params).
+    def _slots_by_mask(x: Tensor, ids: Tensor, mags: Tensor, fill: A.Fill, fractional: bool) -> Tensor:
+        """All op slots with no host synchronisation (for parameters on a GPU): every sample's op of a slot
+        is computed in one pass over the batch, whichever op it is.
 
-        The five affine ops share one gather (other rows get the identity matrix)."""
-        out, mags = x, torch.nan_to_num(mags, nan=0.0)
-        geometric = torch.zeros_like(ids, dtype=torch.bool)
-        for op_id, name in enumerate(OP_NAMES):
-            if name in AFFINE_OPS:
-                geometric |= ids == op_id
-            elif name != "Identity":
-                out = torch.where(_col(ids == op_id), PIXEL_OPS[name](x, mags, fill), out)
-        mat = _affine_matrices(ids, mags, x.shape[3], x.shape[2], fractional)
-        return torch.where(_col(geometric), affine(x, mat, fill), out)
+        On a GPU the cost of this path is the number of kernels it launches (each touches under 2 MB), not
+        their arithmetic, so each slot is three whole-batch steps instead of one per op:
+
+        1. a per-(sample, channel) table of 256 levels, applied with one gather: Identity, Brightness,
+           Contrast, AutoContrast, Equalize, Posterize and Solarize are all level tables; the chosen op's
+           table is picked per sample from the stacked candidates;
+        2. Color and Sharpness blend with a degenerate image (grey, smoothed), one blend for both;
+        3. one nearest-neighbour gather, the identity for samples whose op is not geometric.
+
+        What depends only on the parameters (Brightness, Posterize and Solarize tables, the affine source
+        pixels) is computed for all slots at once. The arithmetic is that of the per-op functions, so the
+        images are bit-identical to grouping by index (tests/test_augment_batched.py)."""
+        n, c, h, w = x.shape
+        slots = ids.shape[1]
+        ids, mags = ids.t().reshape(-1), torch.nan_to_num(mags.t().reshape(-1), nan=0.0)  # slot-major rows
+        # the candidate table of each op id, ids shifted by one so that an empty slot (NO_OP) is the identity
+        table_of = _const((0, *(LUT_CANDIDATES.index(nm) if nm in LUT_CANDIDATES else 0 for nm in OP_NAMES)), torch.int64, x.device)
+        choice = table_of[ids + 1].view(slots, n, 1, 1, 1).expand(slots, n, 1, c, 256)
+        by_params = {
+            "Brightness": _brightness_lut(mags),
+            "Posterize": _posterize_mask(mags).view(-1, 1) & _ramp(torch.uint8, x.device).view(1, 256),
+            "Solarize": _solarize_lut(mags),
+        }
+        by_params = {k: v.view(slots, n, 1, 256).expand(slots, n, c, 256) for k, v in by_params.items()}
+        mat = _affine_matrices(ids, mags, w, h, fractional)  # the identity for samples whose op is not affine
+        source = affine_source(mat, w, h).view(slots, n, h, w)
+        blends = (ids == OP_INDEX["Color"]) | (ids == OP_INDEX["Sharpness"])
+        is_color = _col(ids == OP_INDEX["Color"]).view(slots, n, 1, 1, 1)
+        blends, mags = _col(blends).view(slots, n, 1, 1, 1), mags.view(slots, n)
+        identity_lut = _ramp(torch.uint8, x.device).view(1, 1, 256).expand(n, c, 256)
+        for k in range(slots):
+            index, g = _lut_index(x), grey(x)
+            candidates = {
+                "Identity": identity_lut,
+                "Contrast": _blend_lut(_contrast_level(g), mags[k]).view(n, 1, 256).expand(n, c, 256),
+                "AutoContrast": _auto_contrast_lut(x),
+                "Equalize": _equalize_lut(index, n, c),
+                **{name: table[k] for name, table in by_params.items()},
+            }
+            luts = torch.stack([candidates[name] for name in LUT_CANDIDATES], dim=1)  # (N, K, C, 256)
+            lut = luts.gather(1, choice[k]).view(-1)
+            out = lut.index_select(0, index.view(-1)).view(x.shape)
+            blended = blend(torch.where(is_color[k], g, smooth(x)), x, mags[k])
+            out = torch.where(blends[k], blended, out)
+            x = gather(pad_border(out, fill), source[k])
+        return x
 
     def __call__(self, x: Tensor, params: Params, grouping: str = "auto") -> Tensor:
         """Augment a uint8 batch (N, C, H, W) with its parameter rows (N, width); returns uint8 (N, C, H, W).
@@ -728,7 +805,12 @@ class BatchedAugment:
         out = {k: v for k, v in batch.items() if k not in self.DRAW_KEYS}
         x = batch["x"].contiguous()  # the trainer may have made it channels_last; the ops read NCHW
         u = batch["u"].contiguous()
-        out["x"] = self._normalize(self.weak(x, batch["x_weak"]))
-        out["u_w"] = self._normalize(self.weak(u, batch["u_weak"]))
+        if x.shape[1:] == u.shape[1:]:  # both weak views in one call: per-sample ops, half the kernels
+            weak = self.weak(torch.cat([x, u]), torch.cat([batch["x_weak"], batch["u_weak"]]))
+            x_w, u_w = weak[: len(x)], weak[len(x) :]
+        else:
+            x_w, u_w = self.weak(x, batch["x_weak"]), self.weak(u, batch["u_weak"])
+        out["x"] = self._normalize(x_w)
+        out["u_w"] = self._normalize(u_w)
         out["u_s"] = self._normalize(self.strong(u, batch["u_strong"]))
         return out

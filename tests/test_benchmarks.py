@@ -21,6 +21,8 @@ def test_quick_benchmark_prints_each_section(tmp_path, capsys):
     assert "failed" not in values.values(), [r for r in rows if r["value"] == "failed"]
     assert any(item.startswith("ours:") for item in values) and any(item.startswith("reference style") for item in values)
     assert any("default handlers" in item for item in values)
+    kernels = next(v for item, v in values.items() if item.startswith("device path (data.augment=device): kernels"))
+    assert 0 < int(kernels.replace(",", "")) <= 520  # the meta-device count ran, and stayed within the tested bound
     assert any(r["note"].endswith("of matmul") or "of matmul," in r["note"] for r in rows)
     # 3b hooks the real model's convolutions: their work must add up to the 1.285 GFLOP per image counted for the step
     ceiling = next(r for r in rows if r["item"].startswith("all three passes"))
