@@ -58,10 +58,10 @@ class DataConfig:
     num_workers: int = 4  # data-loading processes per training process
     randaugment: Literal["reference", "official"] = "reference"
     # pil: per-image PIL augmentation in the loader workers. batched: the loaders carry uint8 images
-    # and the same per-sample draws; the trainer augments the whole batch on its device (GPU).
+    # and the same per-sample draws; the trainer augments the whole batch on its device (CPU or GPU).
     # device: the whole data set sits on the training device as uint8; each step gathers its images
     # and draws its augmentation there (no loader workers, no per-image host work).
-    # auto: device on a GPU when the images are in memory and fit, else batched; pil on a CPU.
+    # auto: device on a GPU when the images are in memory and fit, else batched (a CPU included).
     augment: Literal["auto", "pil", "batched", "device"] = "auto"
     # Replay the batched augmentation (batched, device) as one recorded CUDA graph: the same kernels
     # with one launch instead of hundreds. auto: on a GPU.

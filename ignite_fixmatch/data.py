@@ -206,13 +206,15 @@ def view_settings(cfg: Config, sources: DataSources) -> dict[str, Any]:
 def resolve_augment(setting: str, device: torch.device, fits_on_device: Callable[[], bool]) -> str:
     """Where augmentation runs: "pil", "batched" or "device" (see ``data.augment`` in config.py).
 
-    auto: on a CPU, PIL in the loader workers (they overlap with the step instead of adding to it);
-    on a GPU, the data set on the device when it fits, else loaders carrying uint8 images + draws."""
+    auto: on a GPU, the data set on the device when it fits, else loaders carrying uint8 images + draws;
+    on a CPU, those loaders too ("batched"): the same images as PIL from the same per-sample draws, and
+    5-12x less CPU time per image than the PIL workers, which take their time from the step's own cores
+    (the quick start: 8.2-9.3 it/s against 5.4-5.8 with PIL workers, on 2 cores)."""
     if setting != "auto":
         return setting
-    if device.type != "cuda":
-        return "pil"
-    return "device" if fits_on_device() else "batched"
+    if device.type == "cuda" and fits_on_device():
+        return "device"
+    return "batched"
 
 
 def resident_bytes(sources: DataSources, unlabeled: ConcatSource) -> int:

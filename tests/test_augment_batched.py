@@ -374,7 +374,7 @@ def test_batched_stream_gives_the_pil_streams_batches(dataset, tmp_path):
         root = datagen.make_image_folder(tmp_path / "images", n_train_per_class=8, size=(16, 16))
         base = ["data.name=folder", f"data.root={root}", "data.num_labels=6", "data.batch_size=6", "data.mu=3",
                 "data.randaugment=official", "data.pad_mode=reflect"]
-    _, pil = _stream(base)
+    _, pil = _stream([*base, "data.augment=pil"])
     data, batched = _stream([*base, "data.augment=batched"])
     assert data.batched is not None
     for _ in range(3):

@@ -68,7 +68,8 @@ def test_eval_sampler_takes_each_index_once():
 
 
 def _digits_stream(start, overrides=()):
-    cfg = load_config(None, ["data.name=digits", "data.num_labels=50", "data.batch_size=10", "data.mu=2", "data.num_workers=0", *overrides])
+    """The PIL loaders' stream (data.augment=pil: finished views); test_augment_batched tests the batched one against it."""
+    cfg = load_config(None, ["data.name=digits", "data.num_labels=50", "data.batch_size=10", "data.mu=2", "data.num_workers=0", "data.augment=pil", *overrides])
     sources = build_sources("digits", "unused", image_size=8)
     data = build_data(cfg, sources)
     return data, iter(FixMatchStream(data, cfg, 0, 1, start_iteration=lambda: start))
@@ -103,13 +104,13 @@ def test_labeled_images_can_be_left_out_of_the_unlabeled_stream():
     assert len(data.unlabeled) == len(sources.train) - 50
 
 
-def test_augment_auto_puts_data_on_a_gpu_that_fits_it_and_uses_pil_on_cpu():
+def test_augment_auto_puts_data_on_a_gpu_that_fits_it_and_batches_elsewhere():
     from ignite_fixmatch.data import resolve_augment
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert resolve_augment("auto", gpu, lambda: True) == "device"
     assert resolve_augment("auto", gpu, lambda: False) == "batched"
-    assert resolve_augment("auto", cpu, lambda: True) == "pil"
+    assert resolve_augment("auto", cpu, lambda: True) == "batched"  # a CPU keeps the loaders, batched
     for setting in ("pil", "batched", "device"):
         assert resolve_augment(setting, gpu, lambda: False) == setting
         assert resolve_augment(setting, cpu, lambda: True) == setting

@@ -177,7 +177,10 @@ def train_and_evaluate(local_rank: int, cfg: Config, out: str, steps: int) -> No
     model = idist.auto_model(net)
     optimizer = idist.auto_optim(build_optimizer(model, cfg))
     fm = cfg.fixmatch
-    trainer = create_trainer(model, optimizer, device, threshold=fm.threshold, lambda_u=fm.lambda_u, hard_label=fm.hard_label, T=fm.T)
+    trainer = create_trainer(
+        model, optimizer, device, threshold=fm.threshold, lambda_u=fm.lambda_u, hard_label=fm.hard_label, T=fm.T,
+        batch_transform=data.batched,  # the views of data.augment=batched (auto on a CPU); None for pil
+    )
     masks: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: masks.append(float(e.state.output["mask_rate"])))
     stream = FixMatchStream(data, cfg, rank, world_size, start_iteration=lambda: trainer.state.iteration)
