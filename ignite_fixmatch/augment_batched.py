@@ -623,13 +623,13 @@ class BatchedView:
         return self.randaugment.affine_fill if self.randaugment is not None else 0
 
     def _randaugment(self, x: Tensor, params: Params, grouping: str) -> Tensor:
-        """Apply the op slots in order; group samples per op (CPU params) or select per op (device params)."""
+        """Apply the op slots in order: group samples per op (CPU params) or one pass per slot (device params)."""
         ids_all, mags_all = params[:, self.layout.ops], params[:, self.layout.mags]
         fill, fractional = self._affine_fill(), self.variant == "reference"
         by_index = grouping == "index" or (grouping == "auto" and params.device.type == "cpu")
-        ids_host = ids_all.to(torch.int64) if by_index else None
         if not by_index:
             return self._slots_by_mask(x, ids_all.to(torch.int64), mags_all, fill, fractional)
+        ids_host = ids_all.to(torch.int64)
         for k in range(self.layout.n_ops):
             x = self._slot_by_index(x, ids_host[:, k], mags_all[:, k], fill, fractional)
         return x
@@ -694,9 +694,9 @@ class BatchedView:
         by_params = {k: v.view(slots, n, 1, 256).expand(slots, n, c, 256) for k, v in by_params.items()}
         mat = _affine_matrices(ids, mags, w, h, fractional)  # the identity for samples whose op is not affine
         source = affine_source(mat, w, h).view(slots, n, h, w)
-        blends = (ids == OP_INDEX["Color"]) | (ids == OP_INDEX["Sharpness"])
-        is_color = _col(ids == OP_INDEX["Color"]).view(slots, n, 1, 1, 1)
-        blends, mags = _col(blends).view(slots, n, 1, 1, 1), mags.view(slots, n)
+        is_color = (ids == OP_INDEX["Color"]).view(slots, n, 1, 1, 1)
+        blends = is_color | (ids == OP_INDEX["Sharpness"]).view(slots, n, 1, 1, 1)
+        mags = mags.view(slots, n)
         identity_lut = _ramp(torch.uint8, x.device).view(1, 1, 256).expand(n, c, 256)
         for k in range(slots):
             index, g = _lut_index(x), grey(x)

@@ -335,7 +335,7 @@ def test_device_path_never_reads_the_device_and_launches_few_kernels(variant):
     """The device path runs on the meta device, where any read of a value back to the host would raise
     (a GPU would synchronise there), and one step's augmentation (64 + 448 weak, 448 strong) dispatches a
     bounded number of kernels: on a GPU their count, not their arithmetic, sets the time (2.7 us each on
-    an H100). Grouping every op of a slot in one pass took it from 953 to 487 (reference)."""
+    an H100). Grouping every op of a slot in one pass took it from 953 to 486 (reference)."""
     from benchmarks.run import augmentation_kernels
 
     assert augmentation_kernels(variant=variant) <= 520
