@@ -199,9 +199,12 @@ def paint_box(x: Tensor, box: Tensor, fill: A.Fill, offset: int = 0, inplace: bo
     return out.sub_(out * mask).add_(mask * colour)  # no wrap-around: x - x*m >= 0, then + fill where m
 
 
-def apply_lut(x: Tensor, lut: Tensor) -> Tensor:
-    """Map each (sample, channel) through its own 256-entry table ``lut`` (M, C, 256), values 0..255."""
-    return lut.to(torch.uint8).reshape(-1).index_select(0, _lut_index(x).view(-1)).view(x.shape)
+def apply_lut(x: Tensor, lut: Tensor, index: Optional[Tensor] = None) -> Tensor:
+    """Map each (sample, channel) through its own 256-entry table ``lut`` (M, C, 256), values 0..255.
+
+    ``index``: x's :func:`_lut_index`, when the caller has already made it (for a histogram)."""
+    index = _lut_index(x) if index is None else index
+    return lut.to(torch.uint8).reshape(-1).index_select(0, index.view(-1)).view(x.shape)
 
 
 def _lut_index(x: Tensor) -> Tensor:
@@ -330,8 +333,7 @@ def _equalize_lut(index: Tensor, m: int, c: int) -> Tensor:
 def equalize(x: Tensor, m: Tensor, fill: A.Fill) -> Tensor:
     """ImageOps.equalize (see :func:`_equalize_lut`)."""
     index = _lut_index(x)
-    lut = _equalize_lut(index, x.shape[0], x.shape[1])
-    return lut.reshape(-1).index_select(0, index.view(-1)).view(x.shape)
+    return apply_lut(x, _equalize_lut(index, x.shape[0], x.shape[1]), index)
 
 
 def _counts(index: Tensor, bins: int, use_bincount: Optional[bool] = None) -> Tensor:
@@ -708,8 +710,7 @@ class BatchedView:
                 **{name: table[k] for name, table in by_params.items()},
             }
             luts = torch.stack([candidates[name] for name in LUT_CANDIDATES], dim=1)  # (N, K, C, 256)
-            lut = luts.gather(1, choice[k]).view(-1)
-            out = lut.index_select(0, index.view(-1)).view(x.shape)
+            out = apply_lut(x, luts.gather(1, choice[k]).view(n, c, 256), index)
             blended = blend(torch.where(is_color[k], g, smooth(x)), x, mags[k])
             out = torch.where(blends[k], blended, out)
             x = gather(pad_border(out, fill), source[k])
