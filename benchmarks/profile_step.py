@@ -16,20 +16,23 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.run import StepConfig, bf16_supported, fixmatch_batch, make_trainer, sync
+from benchmarks.common import bf16_supported, sync
+from benchmarks.synthetic import fixmatch_batch
+from benchmarks.workload import StepConfig, make_trainer
 
 
-def trainer_step(device: torch.device, b: int, mu: int, compile_mode: Optional[str]) -> Callable[[], Any]:
+def trainer_step(device: torch.device, b: int, mu: int, compile_mode: str | None) -> Callable[[], Any]:
     """One call = one FixMatch update through the trainer's own process function."""
     cfg = StepConfig(channels_last=True, compiled=compile_mode is not None, bf16=bf16_supported(device))
     trainer = make_trainer(cfg, device, compile_mode=compile_mode or "default")
-    batch = {**fixmatch_batch(b, mu, device, True), "u_y": torch.zeros(b * mu, dtype=torch.long, device=device)}
+    batch = fixmatch_batch(b, mu, device, True)
     return lambda: trainer._process_function(trainer, batch)
 
 
@@ -39,10 +42,11 @@ def device_ms(prof: profile) -> float:
     return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--compile-mode", default="reduce-overhead", choices=("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    modes = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    parser.add_argument("--compile-mode", default="reduce-overhead", choices=modes)
     parser.add_argument("--labeled", type=int, default=64, help="labeled images per step (x 15 in all)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (the profiler records 5 of them)")
     parser.add_argument("--rows", type=int, default=15, help="rows of each profiler table")

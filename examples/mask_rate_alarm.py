@@ -7,7 +7,9 @@
 It warns when FixMatch stops learning from unlabeled data: the fraction of unlabeled samples whose
 pseudo-label passes the threshold (mask_rate) stays below ``min_rate`` for ``patience`` iterations.
 It keeps a counter, so it implements state_dict/load_state_dict and puts itself in ``ctx.to_save``:
-the counter survives a resume.
+the counter survives a resume. It reads only the step's metrics, so it declares no ``needs``/``uses``
+and provides nothing: with the DEFAULT priority it fires after the updates, guards and evaluation of an
+iteration and before the reports and the checkpoint (which saves its counter of that iteration).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from ignite_fixmatch.plugins import Context
+from ignite_fixmatch.plugins import DEFAULT, Context
 
 
 class MaskRateAlarm:
     rank_zero_only = False  # every process sees its own mask rate; only rank 0 logs (ctx.logger)
+    priority = DEFAULT  # reads the step's metrics only: no needs, uses or provides
 
     def __init__(self, min_rate: float = 0.05, patience: int = 500, every: int = 1) -> None:
         if not 0.0 <= min_rate <= 1.0:
@@ -43,7 +46,7 @@ class MaskRateAlarm:
             self.alarms += 1
             self.logger.warning(
                 "MaskRateAlarm: mask_rate below %.3f for %d iterations (now %.3f at iteration %d): "
-                "pseudo-labels are rarely confident; consider a lower fixmatch.threshold.",
+                "pseudo-labels are rarely confident; consider a lower algorithm.threshold.",
                 self.min_rate, self.low_for, rate, engine.state.iteration,
             )
             self.low_for = 0

@@ -7,7 +7,7 @@ from pathlib import Path
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
-from ignite_fixmatch.plugins import Context
+from ignite_fixmatch.plugins import PERSIST, Context
 from ignite_fixmatch.resume import CHECKPOINT_DIR, CheckpointWriteError, checkpoint_iteration, list_checkpoints, newest_checkpoint
 
 
@@ -23,12 +23,17 @@ class Checkpointing:
     - Atomic: DiskSaver writes a temporary file and renames it, so a crash mid-write never breaks
       a checkpoint. Old checkpoints are deleted only after the new one is complete (Ignite's own
       rotation deletes first, which with ``keep: 1`` could leave none after a crash).
-    - Saved after every other handler of the iteration (registered when the run starts), so the
+    - Saved after every other handler of the iteration (PERSIST priority: attached last), so the
       state on disk is the complete state after that iteration.
     - The data position needs no saving: the streams restart at the trainer's iteration.
     - Before every write (periodic, final, best, and ``ctx.save_checkpoint`` on preemption) the
-      ``ctx.checkpoint_guards`` run; one that raises (a diverged loss) stops the run unsaved.
+      ``ctx.guards`` run; one that raises (a diverged loss) stops the run unsaved.
+    - ``keep_best >= 1`` needs the evaluator of ``best_model`` (the evaluation handler), for its top-1.
     """
+
+    provides = ("checkpoints",)
+    uses = ("guards",)
+    priority = PERSIST
 
     def __init__(self, every: int = 1000, keep: int = 2, keep_best: int = 1, best_model: str = "ema") -> None:
         if every < 1:
@@ -40,7 +45,10 @@ class Checkpointing:
         if best_model not in ("ema", "raw"):
             raise ValueError(f"best_model must be 'ema' or 'raw', got {best_model!r}")
         self.every, self.keep, self.keep_best, self.best_model = every, keep, keep_best, best_model
-        self._registered = False
+        self.needs = (f"evaluator:{best_model}",) if keep_best else ()
+        self.alternatives = {
+            f"evaluator:{best_model}": "set checkpoint's best_model to a model that evaluation evaluates, or keep_best to 0 (no best checkpoint)"
+        }
         self._best_checked_at = -1
 
     def attach(self, ctx: Context) -> None:
@@ -58,25 +66,19 @@ class Checkpointing:
             score_function=self._score, score_name="top1",
         )
         self.evaluators = ctx.evaluators
-        self.guards = ctx.checkpoint_guards  # the list itself: guards of handlers attached later count too
+        if self.keep_best and self.best_model not in self.evaluators:  # plan_handlers refuses such a list: attached by hand
+            raise ValueError(f"checkpoint: best_model={self.best_model!r} but the evaluation handler evaluating it is not attached before it")
+        self.guards = ctx.guards
         ctx.save_checkpoint = self.save_last
-        ctx.trainer.add_event_handler(Events.STARTED, self._register)
+        # One handler per event (each one Ignite dispatches costs about 1 us per iteration).
+        ctx.trainer.add_event_handler(Events.ITERATION_COMPLETED, self._after_iteration)
+        ctx.trainer.add_event_handler(Events.COMPLETED, self._at_end)
 
     def _files(self, best: bool) -> list[Path]:
         return [p for p in list_checkpoints(self.run_dir) if p.name.startswith("best") == best]
 
     def _score(self, engine: Engine) -> float:
         return float(self.evaluators[self.best_model].state.metrics["top1"])
-
-    def _register(self, trainer: Engine) -> None:
-        if self._registered:
-            return
-        self._registered = True
-        if self.keep_best and self.best_model not in self.evaluators:
-            raise ValueError(f"checkpoint: best_model={self.best_model!r} but the evaluation handler does not evaluate it")
-        # One handler per event (each one Ignite dispatches costs about 1 us per iteration).
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._after_iteration)
-        trainer.add_event_handler(Events.COMPLETED, self._at_end)
 
     def _after_iteration(self, trainer: Engine) -> None:
         if trainer.state.iteration % self.every == 0:

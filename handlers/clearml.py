@@ -23,7 +23,7 @@ from PIL import Image
 from handlers.checkpoint import best_score
 from ignite_fixmatch.augment import pad_crop_flip
 from ignite_fixmatch.config import ConfigError, dump_yaml, to_dict
-from ignite_fixmatch.plugins import Context, step_scalars
+from ignite_fixmatch.plugins import REPORT, Context, step_scalars
 from ignite_fixmatch.resume import checkpoint_iteration, list_checkpoints
 
 EVAL_METRICS = ("top1", "top5", "loss")
@@ -54,9 +54,14 @@ class ClearML:
       offline), false (a server is required: the run stops at once with an error if there is none).
     - Nothing from the environment or the command line is connected: no argparse capture, no
       environment variables, so credentials never end up in the task.
+
+    Attached after the evaluation handler (``uses`` its evaluators) and the checkpoint handler (``uses``
+    checkpoints: its COMPLETED handler, the final save, has run when this one registers the best model).
     """
 
     rank_zero_only = True
+    uses = ("evaluators", "checkpoints")
+    priority = REPORT
 
     def __init__(
         self,
@@ -85,7 +90,7 @@ class ClearML:
         self.project, self.task_name, self.offline = project, task_name, offline
         self.upload_best_model, self.sample_images, self.every = upload_best_model, sample_images, every
         self.connect_timeout = float(connect_timeout)
-        self._started = self._registered = self._closed = False
+        self._closed = False
 
     # ------------------------------------------------------------------ attach
 
@@ -103,25 +108,12 @@ class ClearML:
         self._report_samples(ctx)
         trainer = ctx.trainer
         self.logger.attach(trainer, log_handler=_report_train_scalars, event_name=Events.ITERATION_COMPLETED(every=self.every))
-        trainer.add_event_handler(Events.STARTED, self._on_started)
-        trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
-
-    def _on_started(self, trainer: Engine) -> None:
-        if self._started:
-            return
-        self._started = True
-        # Added while STARTED fires, so it runs after every other STARTED handler, when every handler
-        # has attached its evaluators and registered its own COMPLETED handlers (the checkpoint handler
-        # does so at STARTED): the final evaluation and best checkpoint exist when _finish reads them.
-        trainer.add_event_handler(Events.STARTED, self._register_late)
-
-    def _register_late(self, trainer: Engine) -> None:
-        if self._registered:
-            return
-        self._registered = True
-        for name, evaluator in self.ctx.evaluators.items():
+        for name, evaluator in ctx.evaluators.items():
             self.logger.attach(evaluator, log_handler=_EvalScalars(trainer, f"test_{name}"), event_name=Events.COMPLETED)
+        # After the evaluation's and the checkpoint's COMPLETED handlers (attached before this one): the
+        # final evaluation and best checkpoint exist when _finish reads them.
         trainer.add_event_handler(Events.COMPLETED, self._finish)
+        trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
 
     # ------------------------------------------------------------------ connection
 

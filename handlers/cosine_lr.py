@@ -8,7 +8,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from ignite_fixmatch.plugins import Context
+from ignite_fixmatch.plugins import UPDATE, Context
 
 
 def cosine_factor(k: int, total: int, warmup: int = 0, cycles: float = 7 / 16) -> float:
@@ -28,6 +28,9 @@ class CosineLR:
     one would (the same float expression as torch's LambdaLR, which this replaced: about 4 us per
     iteration instead of 40). The base lrs (the optimizer's lrs when attached) are checkpointed.
     """
+
+    provides = ("lr_schedule",)
+    priority = UPDATE  # it sets the training state (the lr)
 
     def __init__(self, warmup_iters: int = 0, cycles: float = 7 / 16) -> None:
         if warmup_iters < 0:

@@ -6,7 +6,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EMAHandler
 
-from ignite_fixmatch.plugins import Context
+from ignite_fixmatch.plugins import UPDATE, Context
 
 
 class ForeachEMAHandler(EMAHandler):
@@ -51,7 +51,13 @@ class ForeachEMAHandler(EMAHandler):
 
 class EMA:
     """ema = decay * ema + (1 - decay) * weights after every update; batch-norm buffers copied from the
-    live model (reference behaviour). Ignite's EMAHandler (its momentum is 1 - decay), fused update."""
+    live model (reference behaviour). Ignite's EMAHandler (its momentum is 1 - decay), fused update.
+
+    UPDATE priority: it fires right after the step, so whatever evaluates or saves that iteration sees
+    the averaged weights of it."""
+
+    provides = ("ema_model",)
+    priority = UPDATE
 
     def __init__(self, decay: float = 0.999, buffers: str = "copy") -> None:
         if not 0.0 < decay < 1.0:

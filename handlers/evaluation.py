@@ -10,7 +10,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from ignite_fixmatch.evaluation import create_evaluator
-from ignite_fixmatch.plugins import Context, every_iterations
+from ignite_fixmatch.plugins import MEASURE, Context, every_iterations
 
 MODELS = ("ema", "raw")
 
@@ -21,7 +21,14 @@ class Evaluation:
     Keeps the best top-1 (the reference's report) and the median of the last ``median_of`` evaluations
     (the official code's report) of the first model, and writes ``results.json`` after each evaluation.
     Accuracies are in percent. Checkpointed, so best and median survive a resume.
+
+    Provides ``ctx.evaluators`` (``evaluator:<model>`` for each of ``models``), for the loggers and the
+    checkpoint's best score. Before each evaluation it calls ``ctx.guards``, so diverged weights are
+    never evaluated (nor logged as a result).
     """
+
+    priority = MEASURE
+    uses = ("guards",)
 
     def __init__(self, every: int = 10000, models: list[str] | tuple[str, ...] = ("ema",), median_of: int = 20) -> None:
         if every < 1:
@@ -32,12 +39,15 @@ class Evaluation:
         if median_of < 1:
             raise ValueError(f"median_of must be >= 1, got {median_of!r}")
         self.every, self.models, self.median_of = every, models, median_of
+        self.provides = ("evaluators", *(f"evaluator:{m}" for m in models))
+        self.needs = ("ema_model",) if "ema" in models else ()
+        self.alternatives = {"ema_model": "set evaluation's models to [raw]"}
         self.history: list[dict[str, Any]] = []
         self.last_iteration = -1
 
     def attach(self, ctx: Context) -> None:
-        if "ema" in self.models and ctx.ema_model is None:
-            raise ValueError("evaluation: models includes 'ema' but no ema handler is listed before it in handlers")
+        if "ema" in self.models and ctx.ema_model is None:  # plan_handlers refuses such a list: attached by hand
+            raise ValueError("evaluation: models includes 'ema' but the ema handler is not attached before it")
         cfg = ctx.config
         self.ctx = ctx
         sources = ctx.data.sources
@@ -60,6 +70,8 @@ class Evaluation:
         if iteration == self.last_iteration:  # COMPLETED right after a periodic evaluation
             return
         self.last_iteration = iteration
+        for guard in self.ctx.guards:
+            guard(trainer)
         record: dict[str, Any] = {"iteration": iteration}
         for name, evaluator in self.evaluators.items():
             metrics = evaluator.run(self.ctx.loaders["test"]).metrics

@@ -10,7 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
-from ignite_fixmatch.plugins import Context
+from ignite_fixmatch.plugins import REPORT, Context
 
 AVERAGED = ("loss", "loss_x", "loss_u", "mask_rate")
 
@@ -46,6 +46,7 @@ class Progress:
     ``mode``: auto (a bar if stdout is a terminal), bar, log."""
 
     rank_zero_only = True
+    priority = REPORT
 
     def __init__(self, every: int = 50, mode: str = "auto") -> None:
         if every < 1:

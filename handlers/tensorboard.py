@@ -9,14 +9,17 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers.tensorboard_logger import GradsScalarHandler, OutputHandler, TensorboardLogger
 
-from ignite_fixmatch.plugins import Context, every_iterations, step_scalars
+from ignite_fixmatch.plugins import REPORT, Context, every_iterations, step_scalars
 
 
 class TensorBoard:
     """Train scalars every ``every`` iterations under ``train/``, evaluation metrics under ``test_<model>/``,
-    written to ``OUTPUT/tensorboard``. Uses Ignite's TensorboardLogger."""
+    written to ``OUTPUT/tensorboard``. Uses Ignite's TensorboardLogger. Attached after the evaluation
+    handler (``uses`` its evaluators), wherever it is listed."""
 
     rank_zero_only = True
+    uses = ("evaluators",)
+    priority = REPORT
 
     def __init__(self, every: int = 10, log_dir: str = "tensorboard", grad_norm: bool = False) -> None:
         if every < 1:

@@ -6,8 +6,8 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
-from ignite_fixmatch.fixmatch import NonFiniteLossError
-from ignite_fixmatch.plugins import Context
+from ignite_fixmatch.trainer import NonFiniteLossError
+from ignite_fixmatch.plugins import GUARD, Context
 from ignite_fixmatch.resume import newest_checkpoint
 
 
@@ -16,12 +16,16 @@ class StopOnNonFinite:
     when no sample passes the threshold) and raises, so nothing of the diverged state is kept.
 
     No host sync in the step: each iteration only copies the loss into a device buffer (one small
-    kernel). The buffer is read on the host every ``check_every`` iterations, right before any
-    checkpoint write (the checkpoint handler calls ``ctx.checkpoint_guards``, periodic, best and the
-    preemption save alike), before every evaluation, and at the end of the run. A late read still
-    names the exact first bad iteration and its value. Between reads the run goes on for at most
-    ``check_every - 1`` iterations of wasted compute, never writing anything of them.
+    kernel). The buffer is read on the host every ``check_every`` iterations, and as a guard in
+    ``ctx.guards``: right before every evaluation (the evaluation handler) and every checkpoint write
+    (the checkpoint handler: periodic, best and the preemption save alike); and at the end of the run.
+    A late read still names the exact first bad iteration and its value. Between reads the run goes on
+    for at most ``check_every - 1`` iterations of wasted compute, never evaluating or writing anything
+    of them.
     """
+
+    provides = ("guards",)
+    priority = GUARD
 
     def __init__(self, key: str = "loss", check_every: int = 50) -> None:
         if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
@@ -32,22 +36,12 @@ class StopOnNonFinite:
         self.count = 0
         self.first_iteration = 0  # the trainer iteration of window[0]
         self.error: str | None = None  # once diverged, every later check raises again
-        self._evaluators_guarded = False
 
     def attach(self, ctx: Context) -> None:
         self.output_dir = ctx.output_dir
         ctx.trainer.add_event_handler(Events.ITERATION_COMPLETED, self.record)
-        ctx.trainer.add_event_handler(Events.STARTED, self._guard_evaluators, ctx)
         ctx.trainer.add_event_handler(Events.COMPLETED, self.check)
-        ctx.checkpoint_guards.append(self.check)
-
-    def _guard_evaluators(self, trainer: Engine, ctx: Context) -> None:
-        """Evaluators exist once every handler is attached: no evaluation of diverged weights either."""
-        if self._evaluators_guarded:
-            return
-        self._evaluators_guarded = True
-        for evaluator in ctx.evaluators.values():
-            evaluator.add_event_handler(Events.STARTED, lambda _: self.check(trainer))
+        ctx.guards.append(self.check)
 
     def record(self, engine: Engine) -> None:
         loss = engine.state.output[self.key]

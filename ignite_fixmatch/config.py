@@ -17,9 +17,11 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-DATASETS = ("cifar10", "cifar100", "svhn", "stl10", "folder", "digits")
+from ignite_fixmatch.datasets import registry as dataset_registry
+
+DATASETS = dataset_registry.dataset_names()  # the valid data.name values, from the data-set registry
 # Number of classes of the data sets whose classes are known before any file is read.
-KNOWN_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "stl10": 10, "digits": 10}
+KNOWN_NUM_CLASSES = dataset_registry.known_num_classes()
 
 
 class ConfigError(ValueError):
@@ -36,7 +38,7 @@ class HandlerSpec:
 
 @dataclass
 class DataConfig:
-    name: Literal["cifar10", "cifar100", "svhn", "stl10", "folder", "digits"] = "cifar10"
+    name: Literal[DATASETS] = "cifar10"  # type: ignore[valid-type]  # the registry's names
     root: str = "data"
     download: bool = True
     # Labeled images drawn from the training pool, balanced over classes; -1 labels all of it.
@@ -102,13 +104,20 @@ class ModelConfig:
 
 
 @dataclass
-class FixMatchConfig:
-    threshold: float = 0.95  # confidence at or above which a pseudo-label is used
-    lambda_u: float = 1.0  # weight of the unlabeled loss; 0 trains on labels only
-    hard_label: bool = True  # hard pseudo-labels; false uses softmax(logits_weak / T)
-    T: float = 0.5  # temperature of soft pseudo-labels
-    # Interleave labeled/weak/strong parts so each batch-norm sees the same mix (official code).
-    interleave: bool = False
+class AlgorithmSpec:
+    """``algorithm:``: the semi-supervised algorithm (``name``: a built-in of ignite_fixmatch.algorithms
+    or ``package.module:Class``) and its own typed keys, written beside ``name`` in YAML
+    (``algorithm.threshold``); ``params`` is the algorithm's ``Params`` dataclass built from them."""
+
+    name: str = "fixmatch"
+    params: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self.params)}
+
+
+def default_algorithm() -> AlgorithmSpec:
+    return algorithm_spec({}, "algorithm")
 
 
 @dataclass
@@ -126,6 +135,9 @@ class TrainConfig:
     num_iters: int = 2**20
     # Iterations per Ignite "epoch": the period of EPOCH_* events (data streams are infinite).
     epoch_length: int = 1024
+    # Interleave labeled/weak/strong parts before the forward pass so each batch-norm sees the same mix
+    # (official code; matters when the batch is split over devices).
+    interleave: bool = False
 
 
 @dataclass
@@ -167,7 +179,7 @@ class Config:
     overwrite: bool = False  # allow a new run in a non-empty output_dir (its old content is cleared)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
+    algorithm: AlgorithmSpec = field(default_factory=default_algorithm)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -216,6 +228,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value not in allowed or isinstance(value, bool):
             _fail(key, value, _describe(tp))
         return value
+    if tp is AlgorithmSpec:
+        return algorithm_spec(value, key)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if origin is list:
@@ -278,78 +292,99 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def algorithm_spec(value: Any, key: str) -> AlgorithmSpec:
+    """``algorithm:`` -> AlgorithmSpec: ``name`` resolved to its class (imported), the other keys built
+    into that class's ``Params`` dataclass, so a typo or a wrong type names ``algorithm.<key>``."""
+    from ignite_fixmatch.algorithms import resolve_algorithm
+
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        _fail(key, value, "a mapping: name (e.g. fixmatch) and the algorithm's own keys")
+    data = dict(value)
+    name = data.pop("name", "fixmatch")
+    if not isinstance(name, str) or not name.strip():
+        _fail(f"{key}.name", name, "an algorithm name (e.g. fixmatch) or 'package.module:Class'")
+    params_cls = resolve_algorithm(name).Params
+    known = [f.name for f in dataclasses.fields(params_cls)]
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{key}.{unknown[0]}' for algorithm {name!r}. Known keys under {key!r}: name, {', '.join(known) or '(none)'}."
+        )
+    return AlgorithmSpec(name, _build(params_cls, data, key))
+
+
 # --------------------------------------------------------------------------- checks of values
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         _fail(key, value, allowed)
 
 
 def validate(cfg: Config) -> Config:
     """Check the values a type cannot express. Returns cfg for chaining."""
-    d, m, fm, o, t, dist = cfg.data, cfg.model, cfg.fixmatch, cfg.optim, cfg.train, cfg.dist
-    _require(0 <= cfg.seed < 2**32, "seed", cfg.seed, "an integer in [0, 2^32)")
-    _require(d.num_labels == -1 or d.num_labels > 0, "data.num_labels", d.num_labels, "a positive integer or -1 (all)")
+    d, m, o, t, dist = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.dist
+    require(0 <= cfg.seed < 2**32, "seed", cfg.seed, "an integer in [0, 2^32)")
+    require(d.num_labels == -1 or d.num_labels > 0, "data.num_labels", d.num_labels, "a positive integer or -1 (all)")
     n_cls = KNOWN_NUM_CLASSES.get(d.name)
     if n_cls and d.num_labels > 0:
-        _require(
+        require(
             d.num_labels % n_cls == 0,
             "data.num_labels",
             d.num_labels,
             f"a multiple of the {n_cls} classes of {d.name} (the split is balanced per class)",
         )
     if d.num_labels > 0 and not d.allow_labeled_repeats:
-        _require(
+        require(
             d.batch_size <= d.num_labels,
             "data.batch_size",
             d.batch_size,
             f"at most data.num_labels={d.num_labels} (a labeled batch cannot exceed the labeled set; "
             "set data.allow_labeled_repeats=true to repeat labeled images within a batch, as the paper does with 40 labels)",
         )
-    _require(d.image_size is None or 4 <= d.image_size <= 4096, "data.image_size", d.image_size, "null or 4..4096")
-    _require(d.channels in (None, 1, 3), "data.channels", d.channels, "null, 1 or 3")
-    _require(1 <= d.batch_size <= 2**20, "data.batch_size", d.batch_size, "an integer in [1, 2^20]")
-    _require(1 <= d.mu <= 1024, "data.mu", d.mu, "an integer in [1, 1024]")
-    _require(1 <= d.eval_batch_size <= 2**20, "data.eval_batch_size", d.eval_batch_size, "an integer in [1, 2^20]")
-    _require(0 <= d.num_workers <= 256, "data.num_workers", d.num_workers, "an integer in [0, 256]")
-    _require(d.unlabeled_dir is None or d.name == "folder", "data.unlabeled_dir", d.unlabeled_dir, "null unless data.name is 'folder'")
-    _require(d.split_seed is None or 0 <= d.split_seed < 2**32, "data.split_seed", d.split_seed, "null or an integer in [0, 2^32)")
-    _require(10 <= m.depth <= 1000 and (m.depth - 4) % 6 == 0, "model.depth", m.depth, "6n+4 with n >= 1 (10, 16, 22, 28, ...), at most 1000")
-    _require(1 <= m.widen_factor <= 64, "model.widen_factor", m.widen_factor, "an integer in [1, 64]")
-    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a number in [0, 1)")
-    _require(0.0 <= m.leaky_slope < 1.0, "model.leaky_slope", m.leaky_slope, "a number in [0, 1)")
-    _require(0.0 < m.bn_momentum <= 1.0, "model.bn_momentum", m.bn_momentum, "a number in (0, 1]")
-    _require(0.0 <= fm.threshold <= 1.0, "fixmatch.threshold", fm.threshold, "a number in [0, 1]")
-    _require(fm.lambda_u >= 0.0, "fixmatch.lambda_u", fm.lambda_u, "a number >= 0")
-    _require(fm.T > 0.0, "fixmatch.T", fm.T, "a number > 0")
-    _require(o.lr > 0.0, "optim.lr", o.lr, "a number > 0")
-    _require(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "a number in [0, 1)")
-    _require(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "false when optim.momentum is 0")
-    _require(o.weight_decay >= 0.0, "optim.weight_decay", o.weight_decay, "a number >= 0")
-    _require(1 <= t.num_iters <= 2**40, "train.num_iters", t.num_iters, "an integer in [1, 2^40]")
-    _require(1 <= t.epoch_length <= 2**40, "train.epoch_length", t.epoch_length, "an integer in [1, 2^40]")
-    _require(dist.nproc_per_node is None or 1 <= dist.nproc_per_node <= 1024, "dist.nproc_per_node", dist.nproc_per_node, "null or an integer in [1, 1024]")
-    _require(1 <= dist.nnodes <= 65536, "dist.nnodes", dist.nnodes, "an integer in [1, 65536]")
-    _require(0 <= dist.node_rank < dist.nnodes, "dist.node_rank", dist.node_rank, f"0..{dist.nnodes - 1} (dist.nnodes - 1)")
-    _require(dist.master_port is None or 1 <= dist.master_port <= 65535, "dist.master_port", dist.master_port, "1..65535")
-    _require(1 <= dist.timeout_s <= 7 * 24 * 3600, "dist.timeout_s", dist.timeout_s, "an integer in [1, 604800] (seconds)")
+    require(d.image_size is None or 4 <= d.image_size <= 4096, "data.image_size", d.image_size, "null or 4..4096")
+    require(d.channels in (None, 1, 3), "data.channels", d.channels, "null, 1 or 3")
+    require(1 <= d.batch_size <= 2**20, "data.batch_size", d.batch_size, "an integer in [1, 2^20]")
+    require(1 <= d.mu <= 1024, "data.mu", d.mu, "an integer in [1, 1024]")
+    require(1 <= d.eval_batch_size <= 2**20, "data.eval_batch_size", d.eval_batch_size, "an integer in [1, 2^20]")
+    require(0 <= d.num_workers <= 256, "data.num_workers", d.num_workers, "an integer in [0, 256]")
+    require(d.unlabeled_dir is None or d.name == "folder", "data.unlabeled_dir", d.unlabeled_dir, "null unless data.name is 'folder'")
+    require(d.split_seed is None or 0 <= d.split_seed < 2**32, "data.split_seed", d.split_seed, "null or an integer in [0, 2^32)")
+    require(10 <= m.depth <= 1000 and (m.depth - 4) % 6 == 0, "model.depth", m.depth, "6n+4 with n >= 1 (10, 16, 22, 28, ...), at most 1000")
+    require(1 <= m.widen_factor <= 64, "model.widen_factor", m.widen_factor, "an integer in [1, 64]")
+    require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a number in [0, 1)")
+    require(0.0 <= m.leaky_slope < 1.0, "model.leaky_slope", m.leaky_slope, "a number in [0, 1)")
+    require(0.0 < m.bn_momentum <= 1.0, "model.bn_momentum", m.bn_momentum, "a number in (0, 1]")
+    cfg.algorithm.params.check()
+    require(o.lr > 0.0, "optim.lr", o.lr, "a number > 0")
+    require(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "a number in [0, 1)")
+    require(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "false when optim.momentum is 0")
+    require(o.weight_decay >= 0.0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    require(1 <= t.num_iters <= 2**40, "train.num_iters", t.num_iters, "an integer in [1, 2^40]")
+    require(1 <= t.epoch_length <= 2**40, "train.epoch_length", t.epoch_length, "an integer in [1, 2^40]")
+    require(dist.nproc_per_node is None or 1 <= dist.nproc_per_node <= 1024, "dist.nproc_per_node", dist.nproc_per_node, "null or an integer in [1, 1024]")
+    require(1 <= dist.nnodes <= 65536, "dist.nnodes", dist.nnodes, "an integer in [1, 65536]")
+    require(0 <= dist.node_rank < dist.nnodes, "dist.node_rank", dist.node_rank, f"0..{dist.nnodes - 1} (dist.nnodes - 1)")
+    require(dist.master_port is None or 1 <= dist.master_port <= 65535, "dist.master_port", dist.master_port, "1..65535")
+    require(1 <= dist.timeout_s <= 7 * 24 * 3600, "dist.timeout_s", dist.timeout_s, "an integer in [1, 604800] (seconds)")
     if dist.nproc_per_node is not None:
         world = dist.nproc_per_node * dist.nnodes
         check_divisible(cfg, world)
     if dist.nnodes > 1:
-        _require(dist.nproc_per_node is not None, "dist.nproc_per_node", None, "an integer when dist.nnodes > 1")
-        _require(dist.backend is not None, "dist.backend", None, "'nccl' or 'gloo' when dist.nnodes > 1")
-    _require(cfg.resume is None or cfg.resume.strip() != "", "resume", cfg.resume, "null, 'auto' or a checkpoint path")
+        require(dist.nproc_per_node is not None, "dist.nproc_per_node", None, "an integer when dist.nnodes > 1")
+        require(dist.backend is not None, "dist.backend", None, "'nccl' or 'gloo' when dist.nnodes > 1")
+    require(cfg.resume is None or cfg.resume.strip() != "", "resume", cfg.resume, "null, 'auto' or a checkpoint path")
     for i, spec in enumerate(cfg.handlers):
-        _require(spec.name.strip() == spec.name and spec.name != "", f"handlers[{i}].name", spec.name, "a handler name")
+        require(spec.name.strip() == spec.name and spec.name != "", f"handlers[{i}].name", spec.name, "a handler name")
     return cfg
 
 
 def check_divisible(cfg: Config, world_size: int) -> None:
     """Batch sizes are global, as in the reference: each must split evenly over the processes."""
     for key, value in (("data.batch_size", cfg.data.batch_size), ("data.eval_batch_size", cfg.data.eval_batch_size)):
-        _require(
+        require(
             value % world_size == 0,
             key,
             value,
@@ -378,58 +413,170 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def _set_path(data: dict, parts: list[str], value: Any, text: str) -> None:
     node: Any = data
     for i, part in enumerate(parts[:-1]):
-        nxt = node[int(part)] if isinstance(node, list) and part.isdigit() and int(part) < len(node) else None
-        if isinstance(node, dict):
-            nxt = node.setdefault(part, {})
-            if nxt is None:
-                nxt = node[part] = {}
-        if not isinstance(nxt, (dict, list)):
+        if not isinstance(node, dict):
+            raise ConfigError(f"command-line override {text!r}: '{'.'.join(parts[:i])}' is not a section.")
+        nxt = node.setdefault(part, {})
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
             raise ConfigError(f"command-line override {text!r}: '{'.'.join(parts[: i + 1])}' is not a section.")
         node = nxt
-    last = parts[-1]
-    if isinstance(node, list):
-        if not (last.isdigit() and int(last) < len(node)):
-            raise ConfigError(f"command-line override {text!r}: no list item {last!r}.")
-        node[int(last)] = value
-    else:
-        node[last] = value
+    node[parts[-1]] = value
 
 
-def _handlers_with_defaults(data: dict) -> dict:
-    """Overrides like handlers.2.params.every=10 need the default list to exist first."""
-    if "handlers" not in data:
-        data["handlers"] = [dataclasses.asdict(h) for h in default_handlers()]
+# ----------------------------------------------------------- handlers by name, legacy keys, base files
+
+LEGACY_FIXMATCH = "fixmatch"  # before the algorithm seam: fixmatch.{threshold,lambda_u,hard_label,T,interleave}
+
+
+def _handler_override(handlers: list, parts: list[str], value: Any, text: str) -> None:
+    """``handlers.<name>.<param>=v`` (or ``handlers.<name>.params.<param>=v``) sets a param of the
+    handler called <name>; a name not in the list adds that handler. Positions are refused: they
+    point at another handler as soon as the list changes."""
+    name = parts[1]
+    if name.isdigit():
+        index = int(name)
+        shown = handlers[index]["name"] if index < len(handlers) and isinstance(handlers[index], dict) else "<name>"
+        rest = ".".join(p for p in parts[2:] if p != "params") or "<param>"
+        raise ConfigError(
+            f"command-line override {text!r}: handlers are overridden by name, not by position (a position points at another "
+            f"handler as soon as the list changes). Write handlers.{shown}.{rest}={text.split('=', 1)[1]}."
+        )
+    params = parts[3:] if len(parts) > 2 and parts[2] == "params" else parts[2:]
+    if not params:
+        raise ConfigError(f"command-line override {text!r}: name a param, e.g. handlers.{name}.every=1000.")
+    matches = [h for h in handlers if isinstance(h, dict) and h.get("name") == name]
+    if len(matches) > 1:
+        raise ConfigError(f"command-line override {text!r}: {len(matches)} handlers are named {name!r}; edit the YAML file instead.")
+    if not matches:
+        matches = [{"name": name, "params": {}}]
+        handlers.append(matches[0])
+    spec = matches[0]
+    if spec.get("params") is None:
+        spec["params"] = {}
+    _set_path(spec["params"], params, value, text)
+
+
+def _merge_handlers(inherited: list, patch: dict) -> list:
+    """A ``handlers:`` mapping in a config with a base: {name: {params} | null} changes the inherited
+    list by name (params merged, null removes, a new name is appended), keeping its order."""
+    result = [dict(h, params=dict(h.get("params") or {})) if isinstance(h, dict) else h for h in inherited]
+    for name, change in patch.items():
+        matches = [h for h in result if isinstance(h, dict) and h.get("name") == name]
+        if change is None:
+            result = [h for h in result if not (isinstance(h, dict) and h.get("name") == name)]
+            continue
+        if not isinstance(change, dict) or set(change) - {"params"}:
+            _fail(f"handlers.{name}", change, "null (remove it) or a mapping {params: {...}}")
+        if not matches:
+            result.append({"name": name, "params": {}})
+            matches = result[-1:]
+        for spec in matches:
+            spec["params"] = _deep_merge(spec["params"], change.get("params") or {})
+    return result
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: mappings merge key by key, anything else (lists included) is replaced;
+    ``handlers:`` written as a mapping changes the inherited list by name."""
+    merged = dict(base)
+    for key, value in top.items():
+        if key == "handlers" and isinstance(value, dict):
+            merged[key] = _merge_handlers(merged.get(key) or [dataclasses.asdict(h) for h in default_handlers()], value)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist (give the path of a YAML file, e.g. configs/quickstart.yaml).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        detail = " ".join(str(e).split())  # one paragraph
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {detail}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values (like 'seed: 0'), not {type(data).__name__}.")
+    return data
+
+
+def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML config with its ``base:`` files applied: ``base: other.yaml`` (or a list, applied in
+    order), relative to the file that names it; the file's own keys go over its bases'."""
+    path = Path(path)
+    if path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ConfigError(f"config file {str(path)!r}: its base: files form a cycle ({cycle}).")
+    data = _upgrade_legacy(_read_mapping(path), str(path))
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        _fail(f"base (in {path})", bases, "a YAML file name or a list of them, relative to this file")
+    merged: dict = {}
+    for base in bases:
+        merged = _deep_merge(merged, read_config_file(path.parent / base, (*chain, path.resolve())))
+    return _deep_merge(merged, data)
+
+
+def _upgrade_legacy(data: dict, where: str) -> dict:
+    """The ``fixmatch:`` section of configs (and checkpoints) written before the algorithm seam is read as
+    ``algorithm:`` (name fixmatch) and ``train.interleave``."""
+    if LEGACY_FIXMATCH not in data:
+        return data
+    data = dict(data)
+    legacy = data.pop(LEGACY_FIXMATCH)
+    if legacy is None:
+        legacy = {}
+    if not isinstance(legacy, dict):
+        _fail(LEGACY_FIXMATCH, legacy, "a mapping (now written as algorithm:)")
+    if "algorithm" in data:
+        raise ConfigError(f"{where}: both 'fixmatch:' and 'algorithm:' are given; 'fixmatch:' is the old name of 'algorithm:', keep one.")
+    legacy = dict(legacy)
+    if "interleave" in legacy:
+        train = data.get("train") or {}
+        data["train"] = {**train, "interleave": legacy.pop("interleave")} if isinstance(train, dict) else train
+    data["algorithm"] = {"name": "fixmatch", **legacy}
+    return data
+
+
+def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
+    """``a.b=value`` overrides over a config mapping; ``fixmatch.<key>`` is read as ``algorithm.<key>``
+    (``train.interleave`` for interleave), ``handlers.<name>.<param>`` by handler name."""
+    data = dict(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] == LEGACY_FIXMATCH and len(parts) > 1:
+            parts = ["train", "interleave"] if parts[1:] == ["interleave"] else ["algorithm", *parts[1:]]
+        if parts[0] == "handlers" and len(parts) > 1:
+            if not isinstance(data.get("handlers"), list):
+                data["handlers"] = [dataclasses.asdict(h) for h in default_handlers()] if data.get("handlers") is None else data["handlers"]
+            if not isinstance(data["handlers"], list):
+                _fail("handlers", data["handlers"], "a list")
+            data["handlers"] = [dict(h) if isinstance(h, dict) else h for h in data["handlers"]]
+            _handler_override(data["handlers"], parts, value, text)
+            continue
+        _set_path(data, parts, value, text)
     return data
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML file (or nothing), apply overrides, build and validate the typed config."""
-    data: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist (give the path of a YAML file, e.g. configs/quickstart.yaml).")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            detail = " ".join(str(e).split())  # one paragraph
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {detail}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"config file {str(path)!r} must hold a mapping of keys to values (like 'seed: 0'), not {type(data).__name__}."
-            )
-    for text in overrides:
-        parts, value = parse_override(text)
-        if parts[0] == "handlers" and len(parts) > 1:
-            _handlers_with_defaults(data)
-        _set_path(data, parts, value, text)
-    return validate(_build(Config, data, ""))
+    """Read a YAML file (with its bases) or nothing, apply overrides, build and validate the typed config."""
+    data = read_config_file(Path(path)) if path is not None else {}
+    return validate(_build(Config, apply_overrides(data, overrides), ""))
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    data = dataclasses.asdict(cfg)
+    data["algorithm"] = cfg.algorithm.as_dict()
+    return data
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -437,5 +584,6 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def from_dict(data: dict) -> Config:
-    """Rebuild a config saved with :func:`to_dict` (e.g. from a checkpoint)."""
-    return validate(_build(Config, data, ""))
+    """Rebuild a config saved with :func:`to_dict` (e.g. from a checkpoint, also one written before the
+    algorithm seam)."""
+    return validate(_build(Config, _upgrade_legacy(dict(data), "the saved config"), ""))

@@ -23,9 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ignite_fixmatch.augment import StrongView, WeakView
-from ignite_fixmatch.augment_batched import BatchedAugment, collate_columns
+from ignite_fixmatch.augment.views import BatchedAugment, collate_columns
+from ignite_fixmatch.batch import DrawnBatch, TrainBatch
 from ignite_fixmatch.config import Config, ConfigError
-from ignite_fixmatch.datasets import DataSources, ImageSource, build_sources
+from ignite_fixmatch.datasets import DataSources, ImageSource, build_sources, dataset_spec
 from ignite_fixmatch.preemption import ignore_stop_signals
 
 LABELED, UNLABELED, EVAL = 0, 1, 2  # stream ids: part of every seed so the streams are independent
@@ -58,7 +59,8 @@ def split_labeled(targets: np.ndarray, num_labels: int, num_classes: int, seed: 
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def _permutation(n: int, seed: int, stream: int, epoch: int) -> torch.Tensor:
+def pass_permutation(n: int, seed: int, stream: int, epoch: int) -> torch.Tensor:
+    """The order of pass ``epoch`` of a stream: a function of (seed, stream, epoch) only, so resume needs no state."""
     g = torch.Generator().manual_seed(hash_seed(seed, stream, epoch))
     return torch.randperm(n, generator=g)
 
@@ -89,7 +91,7 @@ class InfiniteShardedBatchSampler(Sampler):
     def index_at(self, position: int) -> int:
         epoch, offset = divmod(position, self.num_samples)
         if epoch != self._epoch:
-            self._epoch, self._perm = epoch, _permutation(self.num_samples, self.seed, self.stream, epoch)
+            self._epoch, self._perm = epoch, pass_permutation(self.num_samples, self.seed, self.stream, epoch)
         return int(self._perm[offset])
 
     def batch(self, b: int) -> list[tuple[int, int]]:
@@ -128,11 +130,13 @@ class AugmentedDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, ...]:
+        """(view, ..., label, i): ``i`` is the sample's index into this data set (for the unlabeled
+        stream, its index into the unlabeled set: the batch's ``u_idx``)."""
         i, position = key
         idx = int(self.indices[i])
         img = self.source.load(idx)
         rng = random.Random(hash_seed(self.seed, self.stream, position))
-        return (*(view(img, rng) for view in self.views), int(self.source.targets[idx]))
+        return (*(view(img, rng) for view in self.views), int(self.source.targets[idx]), i)
 
 
 def uint8_images(source: ImageSource, indices: np.ndarray) -> torch.Tensor:
@@ -199,7 +203,7 @@ class FixMatchData:
 
 def view_settings(cfg: Config, sources: DataSources) -> dict[str, Any]:
     size = cfg.data.image_size or sources.default_image_size
-    flip = cfg.data.flip if cfg.data.flip is not None else cfg.data.name not in ("svhn", "digits")
+    flip = cfg.data.flip if cfg.data.flip is not None else dataset_spec(cfg.data.name).flip
     return dict(pad=int(round(size * PAD_FRACTION)), pad_mode=cfg.data.pad_mode, flip=flip, mean=sources.mean, std=sources.std)
 
 
@@ -283,17 +287,18 @@ def save_split(path: Path, indices: np.ndarray) -> None:
 
 
 def _collate_labeled(items):
-    xs, ys = zip(*items)
+    xs, ys, _ = zip(*items)
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
 
 
 def _collate_unlabeled(items):
-    ws, ss, ys = zip(*items)
-    return torch.stack(ws), torch.stack(ss), torch.tensor(ys, dtype=torch.long)
+    ws, ss, ys, idx = zip(*items)
+    return torch.stack(ws), torch.stack(ss), torch.tensor(ys, dtype=torch.long), torch.tensor(idx, dtype=torch.long)
 
 
 class FixMatchStream:
-    """The trainer's data: an endless sequence of dicts x, y, u_w, u_s, u_y.
+    """The trainer's data: an endless sequence of batches (``TrainBatch``, or ``DrawnBatch`` for the
+    batched path, which the trainer's batch_transform augments).
 
     ``iter()`` starts both streams at ``start_iteration()`` (the trainer's iteration, read when
     Ignite starts the run, i.e. after a checkpoint was loaded): resume needs no sampler state.
@@ -319,7 +324,7 @@ class FixMatchStream:
             worker_init_fn=ignore_stop_signals,
         )
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[TrainBatch | DrawnBatch]:
         d, cfg, start = self.data, self.cfg, self.start_iteration()
         if d.batched is not None:  # uint8 images + the same per-sample draws; the trainer augments
             views_l, views_u = d.batched.labeled_views(), d.batched.unlabeled_views()
@@ -335,8 +340,8 @@ class FixMatchStream:
             yield d.batched.batch(next(lx), next(ux))
         while True:
             x, y = next(lx)
-            u_w, u_s, u_y = next(ux)
-            yield {"x": x, "y": y, "u_w": u_w, "u_s": u_s, "u_y": u_y}
+            u_w, u_s, u_y, u_idx = next(ux)
+            yield TrainBatch(x=x, y=y, u_w=u_w, u_s=u_s, u_y=u_y, u_idx=u_idx)
 
 
 def build_eval_loader(

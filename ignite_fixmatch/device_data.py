@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ignite_fixmatch.augment_batched import BatchedAugment
-from ignite_fixmatch.data import LABELED, UNLABELED, FixMatchData, ShardedEvalSampler, _permutation, hash_seed, uint8_images
+from ignite_fixmatch.augment.views import BatchedAugment
+from ignite_fixmatch.batch import DrawnBatch
+from ignite_fixmatch.data import LABELED, UNLABELED, FixMatchData, ShardedEvalSampler, hash_seed, pass_permutation, uint8_images
 from ignite_fixmatch.datasets import ImageSource
 
 DRAWS = 1  # seed tag: the augmentation draws of a batch, independent of the permutation of a pass
@@ -54,7 +55,7 @@ class DevicePool:
         perms = []
         for e in range(e0, e1 + 1):
             if e not in self._perms:
-                self._perms[e] = _permutation(n, seed, stream, e).to(self.images.device, non_blocking=True)
+                self._perms[e] = pass_permutation(n, seed, stream, e).to(self.images.device, non_blocking=True)
             perms.append(self._perms[e])
         order = perms[0] if len(perms) == 1 else torch.cat(perms)
         offset = first - e0 * n
@@ -105,18 +106,19 @@ class DeviceResidentStream:
         rows = view.sample_torch(global_batch, self.size, self.generator)
         return rows[self.rank :: self.world_size]
 
-    def batch(self, b: int) -> dict[str, Tensor]:
+    def batch(self, b: int) -> DrawnBatch:
         """Global batch ``b``, this rank's share."""
         b_l, b_u = self.batch_size, self.batch_size * self.mu
         weak, strong = self.augment.weak, self.augment.strong
         x, y = self.labeled.gather(self.labeled.positions(b * b_l + self.rank, b_l - self.rank, self.world_size, self.seed, LABELED))
-        u, u_y = self.unlabeled.gather(self.unlabeled.positions(b * b_u + self.rank, b_u - self.rank, self.world_size, self.seed, UNLABELED))
+        u_idx = self.unlabeled.positions(b * b_u + self.rank, b_u - self.rank, self.world_size, self.seed, UNLABELED)
+        u, u_y = self.unlabeled.gather(u_idx)
         self.generator.manual_seed(hash_seed(self.seed, LABELED, b, DRAWS))
         x_weak = self._draws(weak, b_l)
         self.generator.manual_seed(hash_seed(self.seed, UNLABELED, b, DRAWS))
         u_weak = self._draws(weak, b_u)
         u_strong = self._draws(strong, b_u)
-        return {"x": x, "x_weak": x_weak, "y": y, "u": u, "u_weak": u_weak, "u_strong": u_strong, "u_y": u_y}
+        return DrawnBatch(x=x, x_weak=x_weak, y=y, u=u, u_weak=u_weak, u_strong=u_strong, u_y=u_y, u_idx=u_idx)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         b = self.start_iteration()

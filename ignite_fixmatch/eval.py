@@ -26,7 +26,7 @@ import torch
 
 from ignite_fixmatch.config import DATASETS, Config, ConfigError, from_dict
 from ignite_fixmatch.data import build_eval_loader, sources_from_config
-from ignite_fixmatch.datasets import DataError, DataSources
+from ignite_fixmatch.datasets import DataError, DataSources, dataset_spec
 from ignite_fixmatch.evaluation import create_evaluator
 from ignite_fixmatch.resume import CheckpointError, newest_checkpoint, read_checkpoint, shape_mismatches
 from ignite_fixmatch.training import model_from_config
@@ -144,7 +144,8 @@ def build_loaded_model(cfg: Config, sources: DataSources, state: Any, path: Path
 
 
 def describe_data(cfg: Config) -> str:
-    return f"{cfg.data.name} at {cfg.data.root!r}" if cfg.data.name != "digits" else "digits (bundled with scikit-learn)"
+    spec = dataset_spec(cfg.data.name)
+    return f"{cfg.data.name} at {cfg.data.root!r}" if spec.needs_root else f"{cfg.data.name} ({spec.origin})"
 
 
 def load_test_data(cfg: Config, root_given: bool) -> DataSources:

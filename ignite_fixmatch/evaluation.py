@@ -9,8 +9,8 @@ from ignite.engine import Engine
 from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccuracy
 from torch import nn
 
-from ignite_fixmatch.augment_batched import normalize
-from ignite_fixmatch.fixmatch import autocast_context
+from ignite_fixmatch.augment.ops import normalize
+from ignite_fixmatch.trainer import autocast_context
 
 
 def create_evaluator(

@@ -18,8 +18,8 @@ from torch.multiprocessing import ProcessExitedException
 
 from ignite_fixmatch.config import Config, ConfigError, load_config
 from ignite_fixmatch.datasets import DataError
-from ignite_fixmatch.fixmatch import NonFiniteLossError
-from ignite_fixmatch.plugins import build_handlers
+from ignite_fixmatch.trainer import NonFiniteLossError
+from ignite_fixmatch.plugins import plan_handlers
 from ignite_fixmatch.preemption import Preempted
 from ignite_fixmatch.resume import CheckpointError, CheckpointWriteError
 from ignite_fixmatch.training import OutputDirError, training
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        build_handlers(cfg.handlers)  # fail in a second on a typo in the tenth handler
+        plan_handlers(cfg.handlers)  # every handler built and ordered: a typo or a missing dependency fails here, in one line
         kwargs = parallel_kwargs(cfg)
         with idist.Parallel(**kwargs) as parallel:
             parallel.run(spawned_training if "nproc_per_node" in kwargs else training, cfg)

@@ -1,6 +1,6 @@
 """Networks for FixMatch: the Wide ResNet of the paper, and any torchvision classifier by name.
 
-The Wide ResNet follows the spec (FIXMATCH.md, "Model: Wide ResNet"): WRN-28-2 has exactly
+The Wide ResNet is the one of the FixMatch paper (Sohn et al., NeurIPS 2020, Section 4 and Appendix): WRN-28-2 has exactly
 1,467,610 parameters with 10 classes, WRN-28-8 exactly 23,401,012 with 100 classes.
 
 Batch-norm modules are named ``bn1``, ``bn2`` (inside blocks) and ``bn_final``, and no other

@@ -5,10 +5,29 @@ arguments, validates them in ``__init__`` and has ``attach(ctx: Context) -> None
 the top-level ``handlers`` package; a user's handler is named ``package.module:Name`` and imported
 from the working directory. Handlers that keep state implement ``state_dict``/``load_state_dict`` and
 put themselves in ``ctx.to_save``; the checkpoint then saves and restores them.
+
+Order is declared, not implied by the list. A handler may set (class attributes, or in ``__init__``
+when they depend on its params):
+
+- ``provides``: capability names it puts in the context (``"ema_model"``, ``"evaluator:ema"``, ...);
+- ``needs``: capabilities it cannot work without; none of the list providing one is a config error;
+- ``uses``: capabilities it takes if present: it is attached after their providers;
+- ``priority``: among handlers free to go, the lower attaches (and so fires) first: UPDATE, GUARD,
+  MEASURE, DEFAULT (the default), REPORT, PERSIST.
+
+:func:`plan_handlers` resolves the attach order once, when the config is loaded: providers before
+consumers, otherwise by (priority, list index). Ignite fires the handlers of one event in the order
+they were attached, so the plan is also the firing order: state changes first, the checkpoint last.
+Names are ``kind`` or ``kind:which``; a handler that provides one ``kind:...`` can be given params
+that provide the others (the error for a missing one uses this to say which handler to add).
+
+This module itself imports neither torch nor Ignite: checking a handler list costs what the handler
+modules import.
 """
 
 from __future__ import annotations
 
+import heapq
 import importlib
 import inspect
 import logging
@@ -16,14 +35,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
-
-import torch
-from ignite.engine import Engine, Events
-from torch import nn
-from torch.optim import Optimizer
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
 
 from ignite_fixmatch.config import Config, ConfigError, HandlerSpec
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+    from torch import nn
+    from torch.optim import Optimizer
 
 BUILTINS: Mapping[str, str] = MappingProxyType(
     {
@@ -35,15 +54,24 @@ BUILTINS: Mapping[str, str] = MappingProxyType(
         "clearml": "handlers.clearml:ClearML",
         "progress": "handlers.progress:Progress",
         "terminate_on_nan": "handlers.terminate_on_nan:StopOnNonFinite",
-        "timer": "handlers.timer:StepTimer",
+        "timer": "handlers.timer:HandlersTimer",
     }
 )
+
+# Priorities: at one event, a lower one fires first (when no declared dependency says otherwise).
+UPDATE = 10  # changes the training state (ema, cosine_lr): everything after sees the updated state
+GUARD = 20  # checks the step before anything measures or saves it (terminate_on_nan)
+MEASURE = 30  # evaluates the model (evaluation)
+DEFAULT = 40  # a handler that declares none
+REPORT = 50  # writes what happened (tensorboard, clearml, progress, timer)
+PERSIST = 60  # saves the complete state of the iteration (checkpoint): after everything else
 
 
 @dataclass
 class Context:
-    """What a handler may use. Only ``to_save`` (and ``evaluators``/``metrics`` by their owners) are
-    written by handlers; everything else is read-only by convention."""
+    """What a handler may use. Only ``to_save``, ``guards`` (and ``evaluators``/``ema_model``/
+    ``save_checkpoint`` by their providers) are written by handlers; everything else is read-only by
+    convention."""
 
     trainer: Engine
     model: nn.Module
@@ -62,15 +90,24 @@ class Context:
     world_size: int = 1
     # Set by the checkpoint handler: writes a resumable checkpoint now (used on preemption).
     save_checkpoint: Callable[[Engine], None] | None = None
-    # Called with the trainer by the checkpoint handler before every write (periodic, best, final,
-    # preemption), on every process at the same iteration. A guard raises to refuse the write and stop
-    # the run (terminate_on_nan: the loss diverged since its last read).
-    checkpoint_guards: list[Callable[[Engine], None]] = field(default_factory=list)
+    # Checks of the training state, each called with the trainer before anything reads that state for
+    # keeps: by the evaluation handler before every evaluation, by the checkpoint handler before every
+    # write (periodic, best, final, preemption), on every process at the same iteration. A guard raises
+    # to refuse and stop the run (terminate_on_nan: the loss diverged since its last read).
+    guards: list[Callable[[Engine], None]] = field(default_factory=list)
 
 
 @runtime_checkable
 class Handler(Protocol):
     def attach(self, ctx: Context) -> None: ...
+
+
+class Planned(NamedTuple):
+    """One handler of a plan: its entry in ``handlers:``, its position there, and the built object."""
+
+    spec: HandlerSpec
+    index: int
+    handler: Handler
 
 
 def resolve(name: str) -> Any:
@@ -110,16 +147,135 @@ def build_handler(spec: HandlerSpec, index: int) -> Handler:
         raise ConfigError(f"{where}: {e}") from None
     if not isinstance(handler, Handler):
         raise ConfigError(f"{where}: {spec.name!r} built a {type(handler).__name__}, which has no attach(ctx) method.")
+    _check_declarations(handler, where)
     return handler
 
 
+def _check_declarations(handler: Handler, where: str) -> None:
+    for attr in ("provides", "needs", "uses"):
+        value = getattr(handler, attr, ())
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {attr} must be a tuple of capability names (strings), got {value!r}.")
+    priority = getattr(handler, "priority", DEFAULT)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ConfigError(f"{where}: priority must be an integer, got {priority!r}.")
+
+
+def _declared(handler: Handler, attr: str) -> tuple[str, ...]:
+    return tuple(getattr(handler, attr, ()))
+
+
+def _where(item: Planned) -> str:
+    return f"handlers[{item.index}] ({item.spec.name})"
+
+
+def plan_handlers(specs: Sequence[HandlerSpec]) -> list[Planned]:
+    """Build every handler and order them for attaching, or raise a ConfigError that says what to fix.
+
+    A stable topological sort: a handler comes after every provider of what it ``needs`` or ``uses``;
+    of the handlers free to go, the lowest (priority, list index) goes first. Refused: a need nobody
+    provides, a need of a handler running on every process that only a ``rank_zero_only`` handler
+    provides (the other processes would lack it), and a cycle."""
+    items = [Planned(spec, i, build_handler(spec, i)) for i, spec in enumerate(specs)]
+    providers: dict[str, list[int]] = {}
+    for item in items:
+        for capability in _declared(item.handler, "provides"):
+            providers.setdefault(capability, []).append(item.index)
+    for item in items:
+        for capability in _declared(item.handler, "needs"):
+            found = providers.get(capability, [])
+            if not found:
+                raise ConfigError(_missing(item, capability, items))
+            if not getattr(item.handler, "rank_zero_only", False) and all(
+                getattr(items[j].handler, "rank_zero_only", False) for j in found
+            ):
+                raise ConfigError(
+                    f"{_where(item)} runs on every process and needs {capability!r}, which {_where(items[found[0]])} "
+                    "provides on process 0 only (rank_zero_only)."
+                )
+    after: dict[int, set[int]] = {item.index: set() for item in items}  # index -> the handlers it must follow
+    for item in items:
+        for capability in _declared(item.handler, "needs") + _declared(item.handler, "uses"):
+            after[item.index].update(j for j in providers.get(capability, ()) if j != item.index)
+    waiting = {i: len(before) for i, before in after.items()}
+    followers: dict[int, list[int]] = {i: [] for i in after}
+    for i, before in after.items():
+        for j in before:
+            followers[j].append(i)
+
+    def key(i: int) -> tuple[int, int]:
+        return getattr(items[i].handler, "priority", DEFAULT), i
+
+    ready = [key(i) for i, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    order: list[Planned] = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        order.append(items[i])
+        for k in followers[i]:
+            waiting[k] -= 1
+            if waiting[k] == 0:
+                heapq.heappush(ready, key(k))
+    if len(order) < len(items):
+        cycle = _a_cycle({i for i, n in waiting.items() if n > 0}, after)
+        names = " -> ".join(_where(items[i]) for i in cycle + cycle[:1])
+        raise ConfigError(
+            f"handlers that need or use each other cannot be ordered, a cycle: {names} (each needs or uses what the "
+            "next one provides). Remove one of them from the list, or change its params."
+        )
+    return order
+
+
+def _a_cycle(stuck: set[int], after: Mapping[int, set[int]]) -> list[int]:
+    """One cycle among the handlers the sort could not place (each of them waits on another stuck one)."""
+    path: list[int] = []
+    i = min(stuck)
+    while i not in path:
+        path.append(i)
+        i = min(j for j in after[i] if j in stuck)
+    return path[path.index(i) :]
+
+
+def _missing(item: Planned, capability: str, items: list[Planned]) -> str:
+    """The error for a need no handler of the list provides: who needs it, which built-in provides it."""
+    fixes = []
+    builtin = _builtin_provider(capability)
+    if builtin is not None:
+        present = next((other for other in items if other.spec.name == builtin), None)
+        if present is None:
+            fixes.append(f"add the {builtin!r} handler")
+        else:
+            fixes.append(f"give {_where(present)} params that provide it")
+    alternative = getattr(item.handler, "alternatives", {}).get(capability)
+    if alternative:
+        fixes.append(alternative)
+    fix = ", or ".join(fixes) or "add a handler that provides it"
+    return f"{_where(item)} needs {capability!r}, which no handler in the list provides: {fix}."
+
+
+def _builtin_provider(capability: str) -> str | None:
+    """The built-in handler that provides ``capability`` (or, built with other params, could: same kind)."""
+    kind = capability.partition(":")[0]
+    fallback = None
+    for name in BUILTINS:
+        try:
+            provides = _declared(build_handler(HandlerSpec(name), 0), "provides")
+        except ConfigError:
+            continue
+        if capability in provides:
+            return name
+        if fallback is None and any(p.partition(":")[0] == kind and ":" in p for p in provides):
+            fallback = name
+    return fallback
+
+
 def build_handlers(specs: Iterable[HandlerSpec]) -> list[Handler]:
-    """Every handler, built and validated before anything heavy starts."""
-    return [build_handler(spec, i) for i, spec in enumerate(specs)]
+    """Every handler, built and validated before anything heavy starts, in attach order (see plan_handlers)."""
+    return [item.handler for item in plan_handlers(list(specs))]
 
 
 def attach_all(handlers: Iterable[Handler], ctx: Context) -> None:
-    """Attach in list order (Ignite fires handlers of one event in registration order).
+    """Attach in the given order, a plan's (Ignite fires the handlers of one event in attach order).
 
     Handlers marked ``rank_zero_only`` (loggers, savers) attach on rank 0 alone."""
     for h in handlers:
@@ -133,6 +289,7 @@ def every_iterations(engine: Engine, every: int, handler: Callable[[Engine], Non
     ``Events.ITERATION_COMPLETED(every=every)``, for about 0.1 us per iteration instead of 2 us (Ignite's
     event filter looks the filtered event up by its __eq__/__hash__ on every iteration; four periodic
     handlers made that the largest part of the default handlers' per-iteration overhead)."""
+    from ignite.engine import Events
 
     def periodic(engine: Engine) -> None:
         if engine.state.iteration % every == 0:
@@ -145,6 +302,8 @@ def every_iterations(engine: Engine, every: int, handler: Callable[[Engine], Non
 def step_scalars(engine: Engine) -> dict[str, float]:
     """The step's output dict as floats, plus data and step time: called only where metrics are logged,
     so a GPU step never waits for the host otherwise."""
+    import torch
+
     out = engine.state.output
     tensors = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
     read = torch.stack([out[k].detach().double() for k in tensors]).tolist() if tensors else []  # one device read
@@ -153,5 +312,3 @@ def step_scalars(engine: Engine) -> dict[str, float]:
         if hasattr(engine.state, name):
             values[name] = getattr(engine.state, name)
     return values
-
-

@@ -47,13 +47,10 @@ class PreemptionGuard:
         self.logger.warning("Received %s: finishing this iteration, then saving a checkpoint", signal.Signals(signum).name)
 
     def attach(self, trainer: Engine, save: Callable[[Engine], None] | None, describe_checkpoint: Callable[[], str]) -> None:
-        """Check after every other handler of the iteration (registered when the run starts)."""
+        """Attach after every handler (training does): the check then runs after all of them at the end
+        of an iteration, so the checkpoint it writes holds that whole iteration."""
         self.save, self.describe_checkpoint = save, describe_checkpoint
-
-        def register(engine: Engine) -> None:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.check_every), self._check)
-
-        trainer.add_event_handler(Events.STARTED, register)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.check_every), self._check)
 
     def _agreed(self) -> bool:
         flag = 1.0 if self.requested is not None else 0.0

@@ -19,11 +19,12 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.utils import manual_seed, setup_logger
 
+from ignite_fixmatch.augment.cuda_graph import CudaGraphed
 from ignite_fixmatch.config import Config, ConfigError, check_divisible, dump_yaml
 from ignite_fixmatch.data import FixMatchData, FixMatchStream, build_data, build_eval_loader, save_split, sources_from_config
-from ignite_fixmatch.cuda_graph import CudaGraphed
 from ignite_fixmatch.device_data import DeviceEvalBatches, DeviceResidentStream
-from ignite_fixmatch.fixmatch import amp_enabled, create_trainer, needs_grad_scaler, parameter_groups, resolve_amp_dtype
+from ignite_fixmatch.algorithms import build_algorithm
+from ignite_fixmatch.trainer import amp_enabled, create_trainer, needs_grad_scaler, parameter_groups, resolve_amp_dtype
 from ignite_fixmatch.models import build_model
 from ignite_fixmatch.plugins import Context, attach_all, build_handlers
 from ignite_fixmatch.preemption import PreemptionGuard
@@ -264,10 +265,14 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
     if needs_grad_scaler(device, cfg.amp, cfg.amp_dtype):
         scaler = torch.amp.GradScaler(device.type)
 
+    algorithm = build_algorithm(
+        cfg.algorithm.name, cfg.algorithm.params, num_classes=sources.num_classes, num_unlabeled=len(data.unlabeled)
+    ).to(device)
+    if rank == 0:
+        logger.info("Algorithm: %s", algorithm.describe())
     trainer = create_trainer(
-        model, optimizer, device,
-        threshold=cfg.fixmatch.threshold, lambda_u=cfg.fixmatch.lambda_u, hard_label=cfg.fixmatch.hard_label,
-        T=cfg.fixmatch.T, use_interleave=cfg.fixmatch.interleave, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
+        model, optimizer, device, algorithm,
+        use_interleave=cfg.train.interleave, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
         channels_last=m.channels_last, scaler=scaler, batch_transform=batch_transform,
         compile_model=compile_model, compile_mode=m.compile_mode,
     )
@@ -286,6 +291,8 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
     }
     if scaler is not None:
         to_save["scaler"] = scaler
+    if algorithm.has_state():  # its buffers: saved and restored like the model's
+        to_save["algorithm"] = algorithm
     ctx = Context(
         trainer=trainer, model=model, optimizer=optimizer, config=cfg, output_dir=output_dir, logger=logger,
         loaders={"train": stream, "test": eval_loader}, to_save=to_save, scaler=scaler, device=device,

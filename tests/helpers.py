@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +12,8 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
+from ignite.engine import Engine, Events
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,7 +33,7 @@ def tiny_overrides(data_root: Path, output_dir: Path, *extra: str) -> list[str]:
         "data.num_workers=0",
         "model.depth=10",
         "model.widen_factor=1",
-        "fixmatch.threshold=0.5",
+        "algorithm.threshold=0.5",
         "train.num_iters=20",
         "train.epoch_length=5",
         f"output_dir={output_dir}",
@@ -101,8 +105,97 @@ def final_state_matches(reference: Path, run: Path, iteration: int = 20) -> None
 
 
 def kill_after_checkpoint(args: list[str], output_dir: Path, iteration: int = 10) -> None:
-    """Start a CLI run and SIGKILL it as soon as its checkpoint at ``iteration`` exists."""
-    proc = popen(args)
-    wait_for_file(output_dir / "checkpoints" / f"checkpoint_{iteration}.pt", proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    """Start a CLI run, hold it right after its checkpoint at ``iteration`` (``HoldAfterIteration``) and
+    SIGKILL it there: the run cannot get past that iteration before the kill, however slow the test is."""
+    marker = held_marker(output_dir, iteration)
+    proc = popen(with_handler(args, HOLD_AFTER, iteration=iteration, marker=str(marker)))
+    try:
+        wait_for_file(marker, proc)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    written = [int(p.stem.split("_")[-1]) for p in (output_dir / "checkpoints").glob("checkpoint_*.pt")]
+    assert iteration in written and max(written) == iteration, written  # killed at that iteration, after its checkpoint
+
+
+# --------------------------------------------------------------------------- holding a real run at a known point
+# Tests that interrupt a run (SIGKILL, SIGTERM) must not race it: a tiny run takes about 2 s, so "kill it
+# when checkpoint_10.pt appears" may find it already finished on a loaded machine. These handlers, added
+# to the run's config, hold the run at a known point and create a marker file there; the test waits for
+# the marker (an event, with a deadline) and only then acts on the process.
+
+HOLD_AFTER = "tests.helpers:HoldAfterIteration"
+HOLD_IN_SAVE = "tests.helpers:HoldInsideSave"
+HOLD_TIMEOUT = 300.0  # seconds a held run waits for the test before failing loudly
+
+
+def with_handler(args: list[str], name: str, **params) -> list[str]:
+    """``args`` with one more handler at the end of the list set by its last ``handlers=[...]`` override."""
+    i = max(i for i, a in enumerate(args) if a.startswith("handlers="))
+    specs = yaml.safe_load(args[i].split("=", 1)[1])
+    return [*args[:i], "handlers=" + json.dumps([*specs, {"name": name, "params": params}]), *args[i + 1 :]]
+
+
+def held_marker(output_dir: Path, iteration: int) -> Path:
+    """Where a held run says it is held: next to its output folder, not in it."""
+    return output_dir.parent / f"{output_dir.name}.held_at_{iteration}"
+
+
+def _hold(marker: str | None, release: str | None) -> None:
+    """Create ``marker``, then wait until ``release`` exists (without one: until the process is killed)."""
+    if marker is not None:
+        Path(marker).touch()
+    deadline = time.monotonic() + HOLD_TIMEOUT
+    while release is None or not Path(release).exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"held for {HOLD_TIMEOUT} s and never released or killed (marker {marker})")
+        time.sleep(0.02)
+
+
+class HoldAfterIteration:
+    """Test handler: at the end of iteration ``iteration``, after every other handler (the checkpoint is
+    written), create ``marker`` and wait for ``release`` (or to be killed). Under several processes every
+    rank is held; rank 0 alone creates the marker. Not saved: it does not change the run's state."""
+
+    def __init__(self, iteration: int, marker: str, release: str | None = None) -> None:
+        self.iteration, self.marker, self.release = iteration, marker, release
+
+    def attach(self, ctx) -> None:
+        marker = self.marker if ctx.rank == 0 else None
+
+        def hold(engine: Engine) -> None:
+            if engine.state.iteration == self.iteration:
+                _hold(marker, self.release)
+
+        def register(engine: Engine) -> None:  # registered when the run starts: after the checkpoint's handler
+            if not engine.has_event_handler(hold, Events.ITERATION_COMPLETED):
+                engine.add_event_handler(Events.ITERATION_COMPLETED, hold)
+
+        ctx.trainer.add_event_handler(Events.STARTED, register)
+
+
+class HoldInsideSave:
+    """Test handler: the first ``torch.save`` of iteration ``iteration`` (the checkpoint write) writes half
+    of its bytes to its destination, creates ``marker`` and waits to be killed: a SIGKILL in the middle
+    of a checkpoint write, every time."""
+
+    def __init__(self, iteration: int, marker: str) -> None:
+        self.iteration, self.marker = iteration, marker
+
+    def attach(self, ctx) -> None:
+        trainer, real_save = ctx.trainer, torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if trainer.state.iteration != self.iteration:
+                return real_save(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+            if hasattr(f, "write"):
+                f.write(data)
+                f.flush()
+            else:
+                Path(f).write_bytes(data)
+            _hold(self.marker, None)
+
+        torch.save = save

@@ -1,4 +1,4 @@
-"""Tests for ignite_fixmatch.augment: real PIL images, real torchvision functional, seeded draws."""
+"""Tests for ignite_fixmatch.augment.pil and .draws: real PIL images, real torchvision functional, seeded draws."""
 from __future__ import annotations
 
 import collections
@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ignite_fixmatch import augment as A
+from ignite_fixmatch.augment import draws as D
+from ignite_fixmatch.augment import pil as A
+from ignite_fixmatch.augment.common import FILL_REFERENCE, VARIANTS
 
 SIZES = [("RGB", 32, 32), ("L", 8, 8), ("RGB", 96, 64)]  # (mode, width, height)
 MEAN3, STD3 = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
@@ -43,8 +45,8 @@ def test_reference_ops_at_min_and_max_magnitude(mode, w, h):
     ops = A.randaugment_ops_reference()
     assert len(ops) == 14
     for name, op, low, high in ops:
-        for magnitude in ([None] if name in A.NO_MAGNITUDE_OPS else [low, high]):
-            for fill in (0, A.FILL_REFERENCE):
+        for magnitude in ([None] if name in D.NO_MAGNITUDE_OPS else [low, high]):
+            for fill in (0, FILL_REFERENCE):
                 assert_valid(op(img, magnitude, fill), img)
 
 
@@ -53,19 +55,19 @@ def test_official_ops_at_min_and_max_level(mode, w, h):
     img = noise(mode, w, h)
     ops = A.randaugment_ops_official()
     assert len(ops) == 14
-    for name, op, to_magnitude, signed in ops:
-        for level in (1, A.OFFICIAL_MAX_LEVEL):
+    for _name, op, to_magnitude, signed in ops:
+        for level in (1, D.OFFICIAL_MAX_LEVEL):
             magnitude = None if to_magnitude is None else to_magnitude(level)
             for sign in ((1, -1) if signed else (1,)):
                 value = None if magnitude is None else sign * magnitude
-                assert_valid(op(img, value, A.FILL_REFERENCE), img)
+                assert_valid(op(img, value, FILL_REFERENCE), img)
 
 
 def test_op_names_match_tables_and_cover_the_same_14_ops():
-    assert A.op_names_reference() == [t[0] for t in A.randaugment_ops_reference()]
-    assert A.op_names_official() == [t[0] for t in A.randaugment_ops_official()]
-    assert len(set(A.op_names_reference())) == 14
-    assert set(A.op_names_reference()) == set(A.op_names_official())
+    assert D.op_names_reference() == [t[0] for t in A.randaugment_ops_reference()]
+    assert D.op_names_official() == [t[0] for t in A.randaugment_ops_official()]
+    assert len(set(D.op_names_reference())) == 14
+    assert set(D.op_names_reference()) == set(D.op_names_official())
 
 
 def test_reference_magnitude_ranges_are_the_spec():
@@ -91,7 +93,7 @@ def test_official_level_to_magnitude_is_the_spec():
         assert to_mag(1) == pytest.approx(at1) and to_mag(9) == pytest.approx(at9), name
     assert table["Posterize"][0](5) == 2 and table["Solarize"][0](5) == 128
     assert {n for n, (_, signed) in table.items() if signed} == {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"}
-    assert all(table[n][0] is None for n in A.NO_MAGNITUDE_OPS)
+    assert all(table[n][0] is None for n in D.NO_MAGNITUDE_OPS)
 
 
 # ---------------------------------------------------------------- what the ops do
@@ -121,13 +123,13 @@ def test_official_translate_is_in_pixels_and_fills_grey():
     img = noise("RGB", 96, 64, low=1)
     out = arr(A.RandAugmentOfficial().apply_ops(img, [("TranslateX", 9)]))
     assert (out[:, :87] == arr(img)[:, 9:]).all()
-    assert (out[:, 87:] == A.FILL_REFERENCE).all()
+    assert (out[:, 87:] == FILL_REFERENCE).all()
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_geometric_fill_per_variant_and_mode(mode):
     img = Image.new(mode, (32, 32), 255 if mode == "L" else (255, 255, 255))
-    grey = A.FILL_REFERENCE if mode == "RGB" else 121  # L takes the rounded mean of the triple
+    grey = FILL_REFERENCE if mode == "RGB" else 121  # L takes the rounded mean of the triple
     black = (0, 0, 0) if mode == "RGB" else 0
     for op in ("Rotate", "ShearX"):
         ref = A.RandAugmentReference().apply_ops(img, [(op, 30.0 if op == "Rotate" else 0.3)])
@@ -156,7 +158,7 @@ def test_reference_draws_exactly_n_ops_with_magnitudes_in_range():
         ops = ra.sample_ops(rng)
         assert len(ops) == 3
         for name, magnitude in ops:
-            if name in A.NO_MAGNITUDE_OPS:
+            if name in D.NO_MAGNITUDE_OPS:
                 assert magnitude is None
             else:
                 low, high = ranges[name]
@@ -179,7 +181,7 @@ def test_reference_op_choice_is_uniform():
     ra, rng = A.RandAugmentReference(), random.Random(2)
     counts = collections.Counter(name for _ in range(1400) for name, _ in ra.sample_ops(rng))
     # 13 degrees of freedom: P(chi2 > 40) is about 1e-4; the seed is fixed, so this never flakes.
-    assert chi_square(counts, A.op_names_reference()) < 40
+    assert chi_square(counts, D.op_names_reference()) < 40
 
 
 def test_official_applies_each_op_with_probability_half_and_choice_is_uniform():
@@ -192,7 +194,7 @@ def test_official_applies_each_op_with_probability_half_and_choice_is_uniform():
     assert set(lengths) == {0, 1, 2}
     for k, p in {0: 0.25, 1: 0.5, 2: 0.25}.items():  # Binomial(2, 0.5)
         assert abs(lengths[k] / 4000 - p) < 0.03, (k, lengths)
-    assert chi_square(counts, A.op_names_official()) < 40
+    assert chi_square(counts, D.op_names_official()) < 40
 
 
 def test_official_levels_and_signs_cover_the_spec():
@@ -268,7 +270,7 @@ def test_cutout_fills_a_clipped_square_with_the_fill_colour():
 
 def test_cutout_grey_level_for_L_and_edge_cases():
     img = Image.new("L", (8, 8))
-    out = arr(A.cutout(img, 4, random.Random(0), A.FILL_REFERENCE))
+    out = arr(A.cutout(img, 4, random.Random(0), FILL_REFERENCE))
     assert set(np.unique(out)) == {0, 121}
     assert (arr(A.cutout(img, 0, random.Random(0), 255)) == 0).all()
     assert (arr(A.cutout(img, 100, random.Random(0), 255)) == 255).all()
@@ -280,7 +282,7 @@ def test_reference_cutout_side_is_up_to_half_the_width():
     ra = A.RandAugmentReference()
     sides = [ra.sample_cutout_side(64, random.Random(s)) for s in range(300)]
     assert min(sides) <= 2 and max(sides) >= 30 and max(sides) <= 32
-    assert A.official_cutout_side(32) == 16 and A.official_cutout_side(96) == 48
+    assert D.official_cutout_side(32) == 16 and D.official_cutout_side(96) == 48
 
 
 # ---------------------------------------------------------------- pad, crop, flip
@@ -363,7 +365,7 @@ def test_to_normalized_tensor_needs_one_mean_per_channel():
         A.to_normalized_tensor(Image.new("L", (8, 8)), MEAN3, STD3)
 
 
-@pytest.mark.parametrize("variant", A.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode,w,h", SIZES)
 def test_strong_view_output(variant, mode, w, h):
     mean, std = (MEAN3, STD3) if mode == "RGB" else ([0.5], [0.5])
@@ -386,7 +388,7 @@ def test_strong_view_order_per_variant():
 
         rng = random.Random(seed)  # official: flip + crop, RandAugment, fixed 16 px cutout
         x = A.pad_crop_flip(img, rng, pad, mode, True)
-        x = A.cutout(A.RandAugmentOfficial()(x, rng), 16, rng, A.FILL_REFERENCE)
+        x = A.cutout(A.RandAugmentOfficial()(x, rng), 16, rng, FILL_REFERENCE)
         got = A.StrongView("official", pad, mode, True, MEAN3, STD3)(img, random.Random(seed))
         assert torch.equal(got, A.to_normalized_tensor(x, MEAN3, STD3))
 
@@ -414,7 +416,7 @@ def test_global_random_generators_are_untouched():
     torch.manual_seed(7)
     states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
     img = noise()
-    for variant in A.VARIANTS:
+    for variant in VARIANTS:
         view = A.StrongView(variant, 4, "reflect", True, MEAN3, STD3)
         for seed in range(20):
             view(img, random.Random(seed))

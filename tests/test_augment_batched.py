@@ -19,8 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ignite_fixmatch import augment as A
-from ignite_fixmatch import augment_batched as B
+from ignite_fixmatch.augment import draws as D
+from ignite_fixmatch.augment import pil as A
+from ignite_fixmatch.augment.common import FILL_REFERENCE, PAD_MODES, VARIANTS
+from ignite_fixmatch.augment.geometry import AFFINE_OPS, cutout
+from ignite_fixmatch.augment.ops import apply_op, histogram, normalize, pil_to_uint8
+from ignite_fixmatch.augment.views import BatchedView
 
 SIZES = [("RGB", 32, 32), ("L", 8, 8), ("RGB", 40, 24)]  # (mode, width, height)
 MEAN3, STD3 = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
@@ -44,7 +48,7 @@ def images(n: int, mode: str = "RGB", w: int = 32, h: int = 32, seed: int = 0) -
 
 
 def stack(imgs: list[Image.Image]) -> torch.Tensor:
-    return torch.stack([B.pil_to_uint8(i) for i in imgs])
+    return torch.stack([pil_to_uint8(i) for i in imgs])
 
 
 def mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,7 +59,7 @@ def mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
 def reference_magnitudes(name: str, n: int, rng: random.Random) -> list:
     """Magnitudes across the reference range, both ends included."""
     (low, high), = [(lo, hi) for nm, _, lo, hi in A.randaugment_ops_reference() if nm == name]
-    if name in A.NO_MAGNITUDE_OPS:
+    if name in D.NO_MAGNITUDE_OPS:
         return [None] * n
     return [low, high] + [low + (high - low) * rng.random() for _ in range(n - 2)]
 
@@ -71,19 +75,19 @@ def official_magnitudes(name: str, n: int, rng: random.Random) -> list:
 # ---------------------------------------------------------------- op by op
 
 
-@pytest.mark.parametrize("variant", A.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode,w,h", SIZES)
 def test_each_op_matches_pil(variant, mode, w, h):
     imgs = images(36, mode, w, h, seed=w + h)
     x = stack(imgs)
     ra = A.RandAugmentReference() if variant == "reference" else A.RandAugmentOfficial()
     draw = reference_magnitudes if variant == "reference" else official_magnitudes
-    for name in B.OP_NAMES:
+    for name in D.OP_NAMES:
         mags = draw(name, len(imgs), random.Random(name))
         expected = stack([ra.apply_ops(img, [(name, m)]) for img, m in zip(imgs, mags)])
         m = torch.tensor([math.nan if v is None else v for v in mags], dtype=torch.float64)
-        got = B.apply_op(name, x, m, ra.affine_fill, fractional_translate=variant == "reference")
-        allowed = AFFINE_TOLERANCE if name in B.AFFINE_OPS else 0.0
+        got = apply_op(name, x, m, ra.affine_fill, fractional_translate=variant == "reference")
+        allowed = AFFINE_TOLERANCE if name in AFFINE_OPS else 0.0
         assert mismatch(got, expected) <= allowed, (name, mismatch(got, expected))
     assert torch.equal(x, stack(imgs))  # inputs untouched
 
@@ -93,15 +97,15 @@ def test_ops_that_must_change_images_do():
     x = stack(images(8))
     for name, m in [("Rotate", 20.0), ("Solarize", 100.0), ("Equalize", None), ("Sharpness", 0.1), ("TranslateY", 0.2)]:
         mags = torch.full((8,), math.nan if m is None else m, dtype=torch.float64)
-        assert mismatch(B.apply_op(name, x, mags, 0, True), x) > 0.1, name
+        assert mismatch(apply_op(name, x, mags, 0, True), x) > 0.1, name
 
 
 def test_affine_fill_per_variant_and_mode():
-    for mode, grey in (("RGB", A.FILL_REFERENCE), ("L", (121,))):
+    for mode, grey in (("RGB", FILL_REFERENCE), ("L", (121,))):
         white = stack([Image.new(mode, (32, 32), 255 if mode == "L" else (255, 255, 255))])
         m = torch.tensor([30.0], dtype=torch.float64)
-        ref = B.apply_op("Rotate", white, m, A.RandAugmentReference().affine_fill, True)
-        off = B.apply_op("Rotate", white, m, A.RandAugmentOfficial().affine_fill, False)
+        ref = apply_op("Rotate", white, m, A.RandAugmentReference().affine_fill, True)
+        off = apply_op("Rotate", white, m, A.RandAugmentOfficial().affine_fill, False)
         assert ref[0, :, 31, 0].tolist() == [0] * len(grey)
         assert off[0, :, 31, 0].tolist() == list(grey)
 
@@ -110,14 +114,14 @@ def test_cutout_and_flip_pad_crop_match_pil():
     imgs = images(12, "RGB", 24, 16)
     x = stack(imgs)
     rng = random.Random(0)
-    boxes = [A.cutout_box((24, 16), rng.randrange(0, 20), rng) for _ in imgs]
-    expected = stack([A.fill_box(img, box, A.FILL_REFERENCE) for img, box in zip(imgs, boxes)])
-    assert torch.equal(B.cutout(x, torch.tensor(boxes, dtype=torch.float64), A.FILL_REFERENCE), expected)
-    for pad_mode in A.PAD_MODES:
+    boxes = [D.cutout_box((24, 16), rng.randrange(0, 20), rng) for _ in imgs]
+    expected = stack([A.fill_box(img, box, FILL_REFERENCE) for img, box in zip(imgs, boxes)])
+    assert torch.equal(cutout(x, torch.tensor(boxes, dtype=torch.float64), FILL_REFERENCE), expected)
+    for pad_mode in PAD_MODES:
         for seed in range(6):
             rng = random.Random(seed)
             expected = stack([A.pad_crop_flip(img, rng, 4, pad_mode, True) for img in imgs])
-            view = B.BatchedView(None, 4, pad_mode, True)
+            view = BatchedView(None, 4, pad_mode, True)
             rng = random.Random(seed)
             params = torch.tensor([view.sample(rng, img.size) for img in imgs], dtype=torch.float64)
             assert torch.equal(view(x, params), expected), (pad_mode, seed)
@@ -126,10 +130,10 @@ def test_cutout_and_flip_pad_crop_match_pil():
 def test_normalize_is_bit_identical_to_the_pil_path():
     imgs = images(5)
     expected = torch.stack([A.to_normalized_tensor(img, MEAN3, STD3) for img in imgs])
-    got = B.normalize(stack(imgs), MEAN3, STD3, memory_format=torch.channels_last)
+    got = normalize(stack(imgs), MEAN3, STD3, memory_format=torch.channels_last)
     assert torch.equal(got, expected) and got.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="one value per channel"):
-        B.normalize(stack(images(1, "L", 8, 8)), MEAN3, STD3)
+        normalize(stack(images(1, "L", 8, 8)), MEAN3, STD3)
 
 
 # ---------------------------------------------------------------- whole views, same draws
@@ -148,7 +152,7 @@ def test_views_reproduce_the_pil_views_sample_by_sample(variant, pad_mode, mode,
     mean, std = (MEAN3, STD3) if mode == "RGB" else ((0.5,), (0.25,))
     pad = max(1, w // 8)
     weak_pil, strong_pil = A.WeakView(pad, pad_mode, True, mean, std), A.StrongView(variant, pad, pad_mode, True, mean, std)
-    weak, strong = B.BatchedView(None, pad, pad_mode, True), B.BatchedView(variant, pad, pad_mode, True)
+    weak, strong = BatchedView(None, pad, pad_mode, True), BatchedView(variant, pad, pad_mode, True)
     imgs = images(60, mode, w, h, seed=3)
     expected_w, expected_s, rows_w, rows_s = [], [], [], []
     for i, img in enumerate(imgs):
@@ -166,7 +170,7 @@ def test_views_reproduce_the_pil_views_sample_by_sample(variant, pad_mode, mode,
     assert torch.equal(strong(x, ps, grouping="mask"), got_s)  # the GPU-style selection gives the same images
     # the float tensors the model sees, through the PIL views' own __call__
     expected = torch.stack([strong_pil(img, _after_weak(i, img, weak_pil)) for i, img in enumerate(imgs)])
-    assert (B.normalize(got_s, mean, std) != expected).float().mean().item() <= AFFINE_TOLERANCE
+    assert (normalize(got_s, mean, std) != expected).float().mean().item() <= AFFINE_TOLERANCE
 
 
 def _after_weak(seed: int, img, weak: A.WeakView) -> random.Random:
@@ -175,11 +179,11 @@ def _after_weak(seed: int, img, weak: A.WeakView) -> random.Random:
     return rng
 
 
-@pytest.mark.parametrize("variant", A.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_sample_consumes_the_generator_like_the_pil_view(variant):
     """Anything drawn after the views (none today) would stay in step between the two paths."""
     img = images(1)[0]
-    strong_pil, strong = A.StrongView(variant, 4, "constant", True, MEAN3, STD3), B.BatchedView(variant, 4, "constant", True)
+    strong_pil, strong = A.StrongView(variant, 4, "constant", True, MEAN3, STD3), BatchedView(variant, 4, "constant", True)
     for seed in range(30):
         r1, r2 = random.Random(seed), random.Random(seed)
         strong_pil(img, r1)
@@ -188,11 +192,11 @@ def test_sample_consumes_the_generator_like_the_pil_view(variant):
 
 
 def test_sample_reuses_sample_ops_so_choices_are_identical():
-    ra, view = A.RandAugmentReference(), B.BatchedView("reference", 4, "constant", True)
+    ra, view = A.RandAugmentReference(), BatchedView("reference", 4, "constant", True)
     for seed in range(50):
         ops = ra.sample_ops(random.Random(seed))
         row = torch.tensor(view.sample(random.Random(seed), (32, 32)), dtype=torch.float64)
-        assert [B.OP_NAMES[int(i)] for i in row[view.layout.ops]] == [name for name, _ in ops]
+        assert [D.OP_NAMES[int(i)] for i in row[view.layout.ops]] == [name for name, _ in ops]
         mags = row[view.layout.mags].tolist()
         assert [None if math.isnan(m) else m for m in mags] == [m for _, m in ops]
 
@@ -229,29 +233,29 @@ def chi_square_limit(dof: int) -> float:
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
-def draws_from_rows(view: B.BatchedView, rows: torch.Tensor) -> tuple[collections.Counter, dict, np.ndarray]:
+def draws_from_rows(view: BatchedView, rows: torch.Tensor) -> tuple[collections.Counter, dict, np.ndarray]:
     """(op counts, magnitudes per op, other columns) from parameter rows."""
     ids, mags = rows[:, view.layout.ops], rows[:, view.layout.mags]
     counts, values = collections.Counter(), collections.defaultdict(list)
     for i, m in zip(ids.flatten().tolist(), mags.flatten().tolist()):
-        if i == B.NO_OP:
+        if i == D.NO_OP:
             continue
-        counts[B.OP_NAMES[int(i)]] += 1
+        counts[D.OP_NAMES[int(i)]] += 1
         if not math.isnan(m):
-            values[B.OP_NAMES[int(i)]].append(m)
+            values[D.OP_NAMES[int(i)]].append(m)
     return counts, values, rows[:, :7].numpy()
 
 
-@pytest.mark.parametrize("variant", A.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_torch_generator_draws_have_the_pil_distributions(variant):
     n, size = 6000, (32, 24)
-    view = B.BatchedView(variant, 4, "constant", True)
+    view = BatchedView(variant, 4, "constant", True)
     pil_rows = torch.tensor([view.sample(random.Random(s), size) for s in range(n)], dtype=torch.float64)
     torch_rows = view.sample_torch(n, size, torch.Generator().manual_seed(0))
     assert torch_rows.shape == pil_rows.shape and torch_rows.dtype == torch.float64
     c1, v1, o1 = draws_from_rows(view, pil_rows)
     c2, v2, o2 = draws_from_rows(view, torch_rows)
-    assert set(c1) == set(c2) == set(B.OP_NAMES)
+    assert set(c1) == set(c2) == set(D.OP_NAMES)
     stat, dof = chi_square_two_sample(c1, c2)  # op choice
     assert stat < chi_square_limit(dof), (stat, dof)
     for name in v1:  # magnitudes, op by op
@@ -260,8 +264,8 @@ def test_torch_generator_draws_have_the_pil_distributions(variant):
         else:  # discrete levels and signs
             stat, dof = chi_square_two_sample(collections.Counter(v1[name]), collections.Counter(v2[name]))
             assert set(v1[name]) == set(v2[name]) and stat < chi_square_limit(dof), name
-    applied1 = collections.Counter((pil_rows[:, view.layout.ops] != B.NO_OP).sum(1).tolist())
-    applied2 = collections.Counter((torch_rows[:, view.layout.ops] != B.NO_OP).sum(1).tolist())
+    applied1 = collections.Counter((pil_rows[:, view.layout.ops] != D.NO_OP).sum(1).tolist())
+    applied2 = collections.Counter((torch_rows[:, view.layout.ops] != D.NO_OP).sum(1).tolist())
     stat, dof = chi_square_two_sample(applied1, applied2)  # official: Binomial(2, 1/2) ops applied
     assert stat < chi_square_limit(max(dof, 1))
     for col in range(7):  # flip, crop offsets, cutout box
@@ -271,7 +275,7 @@ def test_torch_generator_draws_have_the_pil_distributions(variant):
 
 
 def test_torch_generator_draws_are_seeded_and_valid():
-    view = B.BatchedView("reference", 4, "reflect", True)
+    view = BatchedView("reference", 4, "reflect", True)
     a = view.sample_torch(64, (32, 32), torch.Generator().manual_seed(5))
     same = view.sample_torch(64, (32, 32), torch.Generator().manual_seed(5))
     assert torch.equal(a.nan_to_num(-1.0), same.nan_to_num(-1.0))  # NaN marks ops without magnitude
@@ -284,7 +288,7 @@ def test_torch_generator_draws_are_seeded_and_valid():
 
 
 def test_clear_errors():
-    view = B.BatchedView("reference", 4, "constant", True)
+    view = BatchedView("reference", 4, "constant", True)
     x = stack(images(2))
     with pytest.raises(ValueError, match="uint8"):
         view(x.float(), torch.zeros(2, view.layout.width, dtype=torch.float64))
@@ -293,27 +297,27 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="grouping"):
         view(x, torch.zeros(2, 13, dtype=torch.float64), grouping="fast")
     with pytest.raises(ValueError, match="variant"):
-        B.BatchedView("rand", 4, "constant", True)
+        BatchedView("rand", 4, "constant", True)
     with pytest.raises(ValueError, match="pad_mode"):
-        B.BatchedView(None, 4, "wrap", True)
+        BatchedView(None, 4, "wrap", True)
 
 
 def test_histogram_without_bincount_counts_the_same():
     """The GPU histogram (index_add_, no host sync) gives bincount's counts."""
     index = torch.randint(0, 512, (5000,), dtype=torch.int32)
-    assert torch.equal(B._counts(index, 600, use_bincount=False), B._counts(index, 600, use_bincount=True))
-    assert B._counts(index, 600, use_bincount=False).sum() == 5000
+    assert torch.equal(histogram(index, 600, use_bincount=False), histogram(index, 600, use_bincount=True))
+    assert histogram(index, 600, use_bincount=False).sum() == 5000
 
 
-@pytest.mark.parametrize("variant", A.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode,w,h", SIZES)
 def test_device_path_gives_the_index_paths_images_for_every_op_in_every_slot(variant, mode, w, h):
     """The one-pass slots of the device path (grouping="mask") against grouping by index, bit for bit:
     each op in each slot (after every other op in the slot before), empty official slots included,
     on images of every contrast, flat ones too."""
-    view = B.BatchedView(variant, max(1, w // 8), "constant", True)
+    view = BatchedView(variant, max(1, w // 8), "constant", True)
     ra, draw = view.randaugment, reference_magnitudes if variant == "reference" else official_magnitudes
-    names = list(B.OP_NAMES) + ([None] if variant == "official" else [])  # None: an empty slot (NO_OP)
+    names = list(D.OP_NAMES) + ([None] if variant == "official" else [])  # None: an empty slot (NO_OP)
     rng = random.Random(w * h)
     rows, imgs = [], images(len(names) * len(names), mode, w, h, seed=h)
     for i, img in enumerate(imgs):  # sample i: op names[i % K] in one slot, names[i // K] in the others
@@ -321,7 +325,7 @@ def test_device_path_gives_the_index_paths_images_for_every_op_in_every_slot(var
         for k in range(ra.n):
             name = names[i % len(names)] if k == i % ra.n else names[i // len(names)]
             m = None if name is None else draw(name, 3, rng)[rng.randrange(3)]
-            row[view.layout.ops.start + k] = B.NO_OP if name is None else B.OP_INDEX[name]
+            row[view.layout.ops.start + k] = D.NO_OP if name is None else D.OP_INDEX[name]
             row[view.layout.mags.start + k] = math.nan if m is None else m
         rows.append(row)
     x, params = stack(imgs), torch.tensor(rows, dtype=torch.float64)
@@ -330,7 +334,7 @@ def test_device_path_gives_the_index_paths_images_for_every_op_in_every_slot(var
     assert mismatch(by_index, x) > 0.2  # the ops did change the images
 
 
-@pytest.mark.parametrize("variant", A.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_device_path_never_reads_the_device_and_launches_few_kernels(variant):
     """The device path runs on the meta device, where any read of a value back to the host would raise
     (a GPU would synchronise there), and one step's augmentation (64 + 448 weak, 448 strong) dispatches a
@@ -343,7 +347,7 @@ def test_device_path_never_reads_the_device_and_launches_few_kernels(variant):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_gives_the_cpu_images():
-    view = B.BatchedView("reference", 4, "constant", True)
+    view = BatchedView("reference", 4, "constant", True)
     x = stack(images(40))
     params = torch.tensor([view.sample(random.Random(s), (32, 32)) for s in range(40)], dtype=torch.float64)
     expected = view(x, params)
@@ -390,6 +394,7 @@ def test_batched_stream_gives_the_pil_streams_batches(dataset, tmp_path):
     assert torch.equal(next(resumed)["u_strong"].nan_to_num(-1.0), raw["u_strong"].nan_to_num(-1.0))
 
 
+@pytest.mark.slow
 def test_cli_trains_with_batched_augmentation(tmp_path):
     """The real CLI: data.augment=batched reaches the trainer and a short run finishes."""
     from helpers import cli, make_folder, tiny_overrides

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from benchmarks import profile_step
 from benchmarks.run import GFLOP_PER_IMAGE, main
 
 
+@pytest.mark.slow
 def test_quick_benchmark_prints_each_section(tmp_path, capsys):
     out = tmp_path / "rows.json"
     main(["--quick", "--rounds", "1", "--labeled", "1", "--skip", "model", "--json", str(out)])
@@ -29,9 +32,32 @@ def test_quick_benchmark_prints_each_section(tmp_path, capsys):
     assert f"{GFLOP_PER_IMAGE:.3f} GFLOP per image in convolutions" in ceiling["note"]
 
 
+@pytest.mark.slow
 def test_profile_step_reports_the_trainers_step_and_its_top_operators(capsys):
     profile_step.main(["--device", "cpu", "--compile-mode", "off", "--labeled", "1", "--steps", "1", "--rows", "5"])
     out = capsys.readouterr().out
     host, wall = map(float, re.search(r"host ([\d.]+) ms/step, wall ([\d.]+) ms/step", out).groups())
     assert 0 < host <= wall * 1.01
     assert "aten::convolution_backward" in out and "15 images per step" in out
+
+
+def test_run_keeps_exporting_what_was_imported_from_it():
+    """benchmarks.run is the entry point; the sections live in their own modules, and every name that
+    tests, scripts and the recorded commands in benchmarks/results import from benchmarks.run stays there."""
+    import benchmarks.run as run
+
+    assert all(hasattr(run, name) for name in run.__all__)
+    for name in ("augmentation_kernels", "make_trainer", "StepConfig", "bf16_supported", "fixmatch_batch", "sync", "GFLOP_PER_IMAGE"):
+        assert name in run.__all__
+
+
+def test_benchmark_modules_import_no_private_names():
+    """Shared helpers are public: no benchmarks module reaches into another's underscore names."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks"):
+                assert not [a.name for a in node.names if a.name.startswith("_")], path

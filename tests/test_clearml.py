@@ -129,6 +129,7 @@ def series(session: Path, event_type: str = "training_stats_scalar") -> dict[tup
     return {k: sorted(v) for k, v in found.items()}
 
 
+@pytest.mark.slow
 def test_runs_finish_offline_and_say_where_the_session_is(runs):
     run = runs["offline"]
     assert run.returncode == 0, run.stderr[-3000:]
@@ -146,6 +147,7 @@ def test_runs_finish_offline_and_say_where_the_session_is(runs):
         assert {"task.json", "metrics.jsonl"} <= set(z.namelist())
 
 
+@pytest.mark.slow
 def test_task_holds_the_resolved_config(runs):
     run = runs["offline"]
     task = json.loads((run.session() / "task.json").read_text())
@@ -158,6 +160,7 @@ def test_task_holds_the_resolved_config(runs):
     assert "optim:\n  lr: 0.02" in task["configuration"]["config.yaml"]["value"]
 
 
+@pytest.mark.slow
 def test_scalars_are_the_step_and_evaluation_metrics(runs):
     run = runs["offline"]
     found = series(run.session())
@@ -179,6 +182,7 @@ def test_scalars_are_the_step_and_evaluation_metrics(runs):
     assert [i for i, _ in found[("top5", "test_ema")]] == [10, 20] and [i for i, _ in found[("loss", "test_ema")]] == [10, 20]
 
 
+@pytest.mark.slow
 def test_sample_augmentations_are_debug_images(runs):
     session = runs["offline"].session()
     images = [e for e in events(session) if e["type"] == "training_debug_image"]
@@ -191,6 +195,7 @@ def test_sample_augmentations_are_debug_images(runs):
             assert img.size == (3 * 96 + 2 * 2, 96)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_the_output_model(runs):
     run = runs["offline"]
     task = json.loads((run.session() / "task.json").read_text())
@@ -203,6 +208,7 @@ def test_best_checkpoint_is_the_output_model(runs):
     assert model["weights"]["iteration"] == 20
 
 
+@pytest.mark.slow
 def test_training_is_unaffected_by_the_handler(runs):
     with_clearml, baseline = runs["offline"], runs["baseline"]
     assert baseline.returncode == 0, baseline.stderr[-3000:]
@@ -218,6 +224,7 @@ def test_training_is_unaffected_by_the_handler(runs):
     assert losses[0] == losses[1] and len(losses[0]) == 20
 
 
+@pytest.mark.slow
 def test_hung_server_falls_back_to_offline_in_bounded_time(runs):
     run = runs["hung"]
     log = (run.out / "train.log").read_text()
@@ -227,6 +234,7 @@ def test_hung_server_falls_back_to_offline_in_bounded_time(runs):
     assert seconds_before(log, "cannot be reached") < 30
 
 
+@pytest.mark.slow
 def test_a_crash_still_flushes_the_session_and_is_not_swallowed(runs):
     run = runs["hung"]
     assert run.returncode not in (0, 2) and "loss is nan at iteration 2" in run.stderr  # re-raised, not swallowed
@@ -240,6 +248,7 @@ def test_a_crash_still_flushes_the_session_and_is_not_swallowed(runs):
     assert "loss is nan at iteration 2" in log
 
 
+@pytest.mark.slow
 def test_secrets_are_in_no_file_of_the_sessions(runs):
     for name in ("offline", "hung"):
         run = runs[name]
@@ -255,6 +264,7 @@ def test_secrets_are_in_no_file_of_the_sessions(runs):
         assert FAKE_SECRET_KEY not in run.stderr + run.stdout
 
 
+@pytest.mark.slow
 def test_offline_false_without_a_server_is_a_clear_error(runs):
     run = runs["required"]
     assert run.returncode == 2, run.stderr[-3000:]

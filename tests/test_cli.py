@@ -37,6 +37,7 @@ def test_tensorboard_event_file_holds_step_and_eval_metrics(finished_run):
     assert acc.Scalars("train/lr")[0].value == pytest.approx(0.03)
 
 
+@pytest.mark.slow
 def test_existing_output_folder_is_refused_and_kept(finished_run, folder):
     out, _ = finished_run
     before = sorted(p.name for p in out.rglob("*"))
@@ -47,19 +48,22 @@ def test_existing_output_folder_is_refused_and_kept(finished_run, folder):
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_config_errors_exit_before_anything_starts(tmp_path, folder):
     result = cli(["configs/quickstart.yaml", *tiny_overrides(folder, tmp_path / "r"), "optim.lr=-1"])
     assert result.returncode == 2 and "optim.lr" in result.stderr and "Traceback" not in result.stderr
-    result = cli(["configs/quickstart.yaml", *tiny_overrides(folder, tmp_path / "r"), "handlers.5.params.evry=3"])
+    result = cli(["configs/quickstart.yaml", *tiny_overrides(folder, tmp_path / "r"), "handlers.tensorboard.evry=3"])
     assert result.returncode == 2 and "handlers[5] (tensorboard)" in result.stderr and "evry" in result.stderr
     assert not (tmp_path / "r").exists()  # refused before the output folder (or anything heavy) was made
 
 
+@pytest.mark.slow
 def test_missing_data_folder_is_a_clear_error(tmp_path):
     result = cli(["configs/quickstart.yaml", *tiny_overrides(tmp_path / "nope", tmp_path / "r")])
     assert result.returncode == 2 and str(tmp_path / "nope") in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(finished_run, folder, tmp_path):
     reference, _ = finished_run
     out = tmp_path / "killed"

@@ -10,7 +10,7 @@ from ignite_fixmatch.training import compile_enabled
 
 def test_defaults_are_the_reference_hyper_parameters():
     cfg = load_config(None)
-    assert (cfg.data.batch_size, cfg.data.mu, cfg.fixmatch.threshold, cfg.fixmatch.lambda_u) == (64, 7, 0.95, 1.0)
+    assert (cfg.data.batch_size, cfg.data.mu, cfg.algorithm.params.threshold, cfg.algorithm.params.lambda_u) == (64, 7, 0.95, 1.0)
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.03, 0.9, True, 5e-4)
     assert cfg.train.num_iters == 2**20 and cfg.model.bn_momentum == 0.001 and cfg.seed == 0
     assert [h.name for h in cfg.handlers][:2] == ["ema", "cosine_lr"]
@@ -19,10 +19,10 @@ def test_defaults_are_the_reference_hyper_parameters():
 def test_overrides_merge_with_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  name: cifar100\n  num_labels: 400\nmodel:\n  widen_factor: 8\n")
-    cfg = load_config(path, ["data.num_labels=2500", "optim.lr=0.01", "output_dir=runs/x", "fixmatch.hard_label=false", "optim.weight_decay=1e-3"])
+    cfg = load_config(path, ["data.num_labels=2500", "optim.lr=0.01", "output_dir=runs/x", "algorithm.hard_label=false", "optim.weight_decay=1e-3"])
     assert cfg.data.name == "cifar100" and cfg.data.num_labels == 2500 and cfg.model.widen_factor == 8
     assert cfg.optim.lr == 0.01 and cfg.output_dir == "runs/x" and cfg.optim.weight_decay == 1e-3
-    assert cfg.fixmatch.hard_label is False
+    assert cfg.algorithm.params.hard_label is False
 
 
 @pytest.mark.parametrize("text,expected", [("false", False), ("False", False), ("true", True), ("no", False)])
@@ -30,9 +30,61 @@ def test_booleans_parse_as_booleans(text, expected):
     assert load_config(None, [f"amp={text}"]).amp is expected
 
 
-def test_override_of_a_handler_param_by_index():
-    cfg = load_config(None, ["handlers.3.params.every=7"])
+def test_override_of_a_handler_param_by_name():
+    cfg = load_config(None, ["handlers.evaluation.every=7", "handlers.checkpoint.params.keep=3"])
     assert cfg.handlers[3].name == "evaluation" and cfg.handlers[3].params == {"every": 7}
+    assert cfg.handlers[4].name == "checkpoint" and cfg.handlers[4].params == {"keep": 3}
+    added = load_config(None, ["handlers.timer.csv=false"])  # a name not in the list adds that handler
+    assert added.handlers[-1].name == "timer" and added.handlers[-1].params == {"csv": False}
+
+
+def test_override_of_a_handler_by_position_is_refused_with_the_named_form():
+    with pytest.raises(ConfigError, match=r"by name, not by position.*Write handlers\.evaluation\.every=7\."):
+        load_config(None, ["handlers.3.params.every=7"])
+    with pytest.raises(ConfigError, match=r"2 handlers are named 'ema'"):
+        load_config(None, ["handlers=[{name: ema}, {name: ema}]", "handlers.ema.decay=0.9"])
+
+
+def test_a_config_extends_its_base_and_changes_handlers_by_name(tmp_path):
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases" / "root.yaml").write_text(
+        "seed: 3\ndata: {name: digits, num_labels: 50, batch_size: 16}\nmodel: {depth: 10}\n"
+        "handlers: [{name: ema, params: {decay: 0.9}}, {name: evaluation, params: {every: 5}}, {name: progress}]\n"
+    )
+    (tmp_path / "bases" / "mid.yaml").write_text("base: root.yaml\ndata: {mu: 3}\noptim: {lr: 0.1}\n")
+    (tmp_path / "run.yaml").write_text(
+        "base: bases/mid.yaml\ndata: {num_labels: 100}\nhandlers:\n  evaluation: {params: {models: [ema, raw]}}\n"
+        "  progress: null\n  checkpoint: {params: {every: 9}}\n"
+    )
+    cfg = load_config(tmp_path / "run.yaml", ["optim.lr=0.2"])
+    assert (cfg.seed, cfg.data.name, cfg.data.num_labels, cfg.data.batch_size, cfg.data.mu, cfg.model.depth) == (3, "digits", 100, 16, 3, 10)
+    assert cfg.optim.lr == 0.2  # the command line goes over every file
+    assert [(h.name, h.params) for h in cfg.handlers] == [
+        ("ema", {"decay": 0.9}), ("evaluation", {"every": 5, "models": ["ema", "raw"]}), ("checkpoint", {"every": 9}),
+    ]
+    assert "base" not in to_dict(cfg) and "num_labels: 100" in dump_yaml(cfg)  # saved in full, without the base
+
+
+def test_base_files_that_loop_or_are_missing_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="form a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml.*does not exist"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: 3\n")
+    with pytest.raises(ConfigError, match="base"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_benchmark_configs_are_short_diffs_of_a_base():
+    from pathlib import Path
+
+    for path in Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"):
+        if path.name != "quickstart.yaml":
+            text = path.read_text()
+            assert "base: base/" in text and len(text.splitlines()) <= 12, path
 
 
 @pytest.mark.parametrize(
@@ -42,7 +94,7 @@ def test_override_of_a_handler_param_by_index():
         ("data.bogus=1", ["unknown config key 'data.bogus'", "num_labels"]),
         ("optim.lr=-0.1", ["optim.lr", "-0.1", "> 0"]),
         ("optim.lr=fast", ["optim.lr", "'fast'", "number"]),
-        ("fixmatch.threshold=1.5", ["fixmatch.threshold", "1.5", "[0, 1]"]),
+        ("algorithm.threshold=1.5", ["algorithm.threshold", "1.5", "[0, 1]"]),
         ("data.num_labels=45", ["data.num_labels", "45", "multiple of the 10 classes"]),
         ("data.batch_size=5000", ["data.batch_size", "5000", "at most data.num_labels"]),
         ("amp=maybe", ["amp", "'maybe'", "true or false"]),
@@ -84,7 +136,7 @@ def test_missing_file():
 
 
 def test_resolved_config_round_trips():
-    cfg = load_config(None, ["data.num_labels=250", "handlers.0.params.decay=0.99"])
+    cfg = load_config(None, ["data.num_labels=250", "handlers.ema.decay=0.99"])
     again = from_dict(yaml.safe_load(dump_yaml(cfg)))
     assert again == cfg and to_dict(again)["data"]["num_labels"] == 250
 
@@ -99,7 +151,7 @@ def test_every_shipped_config_loads():
         assert cfg.train.num_iters >= 1, path
     c100 = load_config(Path("configs/cifar100_400.yaml"))
     assert (c100.model.widen_factor, c100.optim.weight_decay) == (8, 1e-3)
-    assert load_config(Path("configs/cifar10_full_supervised.yaml")).fixmatch.lambda_u == 0.0
+    assert load_config(Path("configs/cifar10_full_supervised.yaml")).algorithm.params.lambda_u == 0.0
 
 
 @pytest.mark.parametrize("text, expected", [("off", "off"), ("on", "on"), ("auto", "auto"), ("false", "off"), ("true", "on")])

@@ -1,5 +1,6 @@
 """Any YAML document gives a valid config or a ConfigError: never another exception."""
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ documents = st.one_of(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents)
+@pytest.mark.slow
 def test_any_document_is_a_config_or_a_clear_error(tmp_path_factory, doc):
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
     path.write_text(yaml.safe_dump(doc))

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from ignite_fixmatch.augment_batched import BatchedAugment
-from ignite_fixmatch.cuda_graph import CudaGraphed
+from ignite_fixmatch.augment.cuda_graph import CudaGraphed
+from ignite_fixmatch.augment.views import BatchedAugment
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

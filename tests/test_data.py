@@ -122,7 +122,7 @@ def test_eval_batches_normalised_on_the_device_equal_the_per_image_transform(kin
     """The test loader's uint8 batches (one gather for in-memory sets, a load per file for folders),
     normalised by the evaluator, are bit-identical to PIL -> to_tensor -> normalize per image."""
     from ignite_fixmatch.augment import to_normalized_tensor
-    from ignite_fixmatch.augment_batched import normalize
+    from ignite_fixmatch.augment.ops import normalize
     from ignite_fixmatch.data import build_eval_loader
     from helpers import datagen
 

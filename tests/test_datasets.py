@@ -22,8 +22,12 @@ from ignite_fixmatch.datasets import (  # noqa: E402
     ImageSource,
     PathList,
     build_sources,
+    dataset_spec,
     scan_image_files,
 )
+from ignite_fixmatch.datasets.registry import DATASETS, markdown_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def px(img: Image.Image) -> np.ndarray:
@@ -447,3 +451,65 @@ def test_image_source_in_memory_direct():
     np.testing.assert_array_equal(px(src.load(-1)), arr[1])
     with pytest.raises(IndexError):
         src.load(2)
+
+
+# ----------------------------------------------------------------------------
+# the registry: one place that the config, the pipeline and the docs read
+# ----------------------------------------------------------------------------
+
+def _generated(name: str, tmp_path: Path) -> str:
+    makers = {"cifar10": datagen.make_cifar10, "cifar100": datagen.make_cifar100, "svhn": datagen.make_svhn,
+              "stl10": datagen.make_stl10}
+    if name in makers:
+        makers[name](tmp_path)
+        return str(tmp_path)
+    if name == "folder":
+        return str(datagen.make_image_folder(tmp_path, n_train_per_class=1, n_test_per_class=1))
+    return ""
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_spec_matches_what_is_built(name, tmp_path):
+    spec = DATASETS[name]
+    ds = build_sources(name, _generated(name, tmp_path), download=False)
+    assert (ds.name, ds.channels) == (name, spec.channels)
+    assert ds.num_classes == (spec.num_classes if spec.num_classes is not None else 3)
+    assert ds.default_image_size == (spec.image_size if spec.image_size is not None else min(Image.open(ds.train.path(0)).size))
+    if spec.mean is not None:
+        assert ds.mean == spec.mean and ds.std == spec.std
+    assert (ds.unlabeled is not None) == spec.builtin_unlabeled
+    assert dataset_spec(f" {name.upper()} ") is spec
+
+
+def test_config_and_pipeline_read_the_registry():
+    import typing
+
+    from ignite_fixmatch.config import DATASETS as CONFIG_NAMES
+    from ignite_fixmatch.config import KNOWN_NUM_CLASSES, DataConfig, load_config
+    from ignite_fixmatch.data import view_settings
+
+    assert CONFIG_NAMES == DATASET_NAMES == tuple(DATASETS)
+    assert typing.get_args(typing.get_type_hints(DataConfig)["name"]) == DATASET_NAMES
+    assert KNOWN_NUM_CLASSES == {n: s.num_classes for n, s in DATASETS.items() if s.num_classes}
+    flips = {n: view_settings(load_config(None, [f"data.name={n}", "data.num_labels=-1"]),
+                              DataSources(None, None, None, 10, 3, 32, (0.5,) * 3, (0.5,) * 3))["flip"]
+             for n in DATASETS}
+    assert flips == {"cifar10": True, "cifar100": True, "svhn": False, "stl10": True, "folder": True, "digits": False}
+
+
+def test_registry_import_is_cheap():
+    """config.py imports the registry to check data.name: torch, torchvision and scikit-learn stay unloaded."""
+    import subprocess
+
+    code = ("import sys, ignite_fixmatch.config, ignite_fixmatch.datasets.registry; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_readme_holds_the_rendered_table():
+    table = markdown_table()
+    assert table.count("\n") == len(DATASETS) + 2
+    assert table in (ROOT / "README.md").read_text(encoding="utf-8"), (
+        "README.md's data-set table differs from the registry; paste the output of "
+        "python -c \"from ignite_fixmatch.datasets.registry import markdown_table; print(markdown_table())\"")

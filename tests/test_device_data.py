@@ -108,6 +108,7 @@ def test_device_eval_batches_hold_the_loaders_images(device):
                 assert torch.equal(xd.cpu(), xl) and torch.equal(yd.cpu(), yl)
 
 
+@pytest.mark.slow
 def test_device_data_trains_and_resumes_bit_identically_after_sigkill(tmp_path, folder):
     """A real CLI run with data.augment=device, straight to 20 iterations; another killed after its
     checkpoint at 10 and resumed with resume=auto ends bit-identical."""

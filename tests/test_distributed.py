@@ -33,7 +33,8 @@ from helpers import ROOT, assert_same_tensors, cli, load_state, make_folder, pop
 from ignite_fixmatch.config import Config, ConfigError, load_config
 from ignite_fixmatch.data import FixMatchStream, build_data, build_eval_loader, sources_from_config
 from ignite_fixmatch.evaluation import create_evaluator
-from ignite_fixmatch.fixmatch import create_trainer
+from ignite_fixmatch.algorithms import build_algorithm
+from ignite_fixmatch.trainer import create_trainer
 from ignite_fixmatch.main import parallel_kwargs
 from ignite_fixmatch.training import build_optimizer, check_sync_bn, model_from_config
 
@@ -117,6 +118,7 @@ def ddp_run(folder, tmp_path_factory):
 # --------------------------------------------------------------------------- one node, processes spawned by Ignite
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_set_of_outputs(ddp_run):
     out, result = ddp_run
     assert_one_set_of_outputs(out)
@@ -138,6 +140,7 @@ def _evaluate_saved_ema(cfg: Config, checkpoint: Path, rank: int, world_size: in
     return {"top1": 100.0 * metrics["top1"], "top5": 100.0 * metrics["top5"], "loss": metrics["loss"]}
 
 
+@pytest.mark.slow
 def test_two_process_metrics_are_reduced_over_both_shards(ddp_run, folder):
     out, _ = ddp_run
     cfg = load_config(ROOT / CONFIG, tiny_overrides(folder, out))
@@ -176,9 +179,9 @@ def train_and_evaluate(local_rank: int, cfg: Config, out: str, steps: int) -> No
     initial = {k: v.clone() for k, v in net.state_dict().items()}
     model = idist.auto_model(net)
     optimizer = idist.auto_optim(build_optimizer(model, cfg))
-    fm = cfg.fixmatch
+    algorithm = build_algorithm(cfg.algorithm.name, cfg.algorithm.params, num_classes=data.sources.num_classes, num_unlabeled=len(data.unlabeled))
     trainer = create_trainer(
-        model, optimizer, device, threshold=fm.threshold, lambda_u=fm.lambda_u, hard_label=fm.hard_label, T=fm.T,
+        model, optimizer, device, algorithm,
         batch_transform=data.batched,  # the views of data.augment=batched (auto on a CPU); None for pil
     )
     masks: list[float] = []
@@ -200,9 +203,10 @@ def train_and_evaluate(local_rank: int, cfg: Config, out: str, steps: int) -> No
         torch.save({"initial": initial, "weights": weights, "metrics": metrics, "seen": seen_per_rank.tolist(), "masks": masks}, out)
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_same_steps_as_one_on_the_same_global_batch(folder, tmp_path):
     steps = 3
-    cfg = load_config(ROOT / CONFIG, tiny_overrides(folder, tmp_path / "unused", "fixmatch.threshold=0.35", "data.batch_size=6", "data.mu=2"))
+    cfg = load_config(ROOT / CONFIG, tiny_overrides(folder, tmp_path / "unused", "algorithm.threshold=0.35", "data.batch_size=6", "data.mu=2"))
     single, double = tmp_path / "single.pt", tmp_path / "double.pt"
     train_and_evaluate(0, cfg, str(single), steps)  # this process: no distributed context, world size 1
     with idist.Parallel(backend="gloo", nproc_per_node=2, master_port=free_port(), timeout=timedelta(seconds=60)) as parallel:
@@ -220,6 +224,7 @@ def test_two_processes_take_the_same_steps_as_one_on_the_same_global_batch(folde
     assert b["metrics"]["loss"] == pytest.approx(a["metrics"]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_train_with_the_compiled_step(ddp_run, folder, tmp_path):
     """torch.compile of the forward + losses around the DDP-wrapped model (what a long CPU run gets by
     default): both ranks compile, nothing falls back, and the weights match the eager job's closely."""
@@ -241,6 +246,7 @@ def test_two_processes_train_with_the_compiled_step(ddp_run, folder, tmp_path):
 # --------------------------------------------------------------------------- other launchers
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_finish_with_the_same_result(ddp_run, folder, tmp_path):
     reference, _ = ddp_run
     out = tmp_path / "nodes"
@@ -256,6 +262,7 @@ def test_two_nodes_on_localhost_finish_with_the_same_result(ddp_run, folder, tmp
     assert_same_final_state(reference, out)
 
 
+@pytest.mark.slow
 def test_torchrun_picks_gloo_from_the_environment(ddp_run, folder, tmp_path):
     reference, _ = ddp_run
     out = tmp_path / "torchrun"
@@ -266,6 +273,7 @@ def test_torchrun_picks_gloo_from_the_environment(ddp_run, folder, tmp_path):
     assert_same_final_state(reference, out)
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_split_over_the_processes_is_refused(folder, tmp_path):
     out = tmp_path / "r"
     t0 = time.monotonic()
@@ -292,18 +300,22 @@ def test_nccl_without_gpus_is_refused_before_spawning(folder, tmp_path):
 # --------------------------------------------------------------------------- failures
 
 
+@pytest.mark.slow
 def test_resume_under_two_processes_after_sigkill_ends_where_the_uninterrupted_run_did(ddp_run, folder, tmp_path):
+    from helpers import HOLD_AFTER, held_marker, with_handler
+
     reference, _ = ddp_run
     out = tmp_path / "killed"
     args = [CONFIG, *tiny_overrides(folder, out)]
-    proc = popen([*args, *spawn_args()], start_new_session=True)
+    held = held_marker(out, 10)  # both ranks are held after iteration 10 (its checkpoint written) until killed
+    proc = popen([*with_handler(args, HOLD_AFTER, iteration=10, marker=str(held)), *spawn_args()], start_new_session=True)
     try:
-        wait_for_file(out / "checkpoints" / "checkpoint_10.pt", proc, timeout=LAUNCH_TIMEOUT)
+        wait_for_file(held, proc, timeout=LAUNCH_TIMEOUT)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole job at once, as a scheduler does
         proc.wait()
     wait_group_gone(proc.pid)
-    assert not (out / "checkpoints" / "checkpoint_20.pt").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint_*.pt")) == ["checkpoint_10.pt", "checkpoint_5.pt"]
     result = cli([*args, *spawn_args(), "resume=auto"], timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stderr
@@ -312,6 +324,7 @@ def test_resume_under_two_processes_after_sigkill_ends_where_the_uninterrupted_r
     assert ra["history"] == rb["history"]
 
 
+@pytest.mark.slow
 def test_a_crash_in_one_process_ends_the_whole_job_with_its_error(tmp_path):
     images = make_folder(tmp_path)
     out = tmp_path / "crash"
@@ -346,6 +359,7 @@ def _spawned_workers(launcher_pid: int) -> list[int]:
     return sorted(found)
 
 
+@pytest.mark.slow
 def test_a_killed_process_ends_the_whole_job_quickly(folder, tmp_path):
     out = tmp_path / "killed-rank"
     proc = popen([CONFIG, *tiny_overrides(folder, out, "train.num_iters=2000"), *spawn_args(timeout_s=600)], start_new_session=True)

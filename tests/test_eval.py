@@ -104,6 +104,7 @@ def cli_result(run, tmp_path_factory):
     return result, json.loads(json_path.read_text())
 
 
+@pytest.mark.slow
 def test_prints_top1_top5_and_a_per_class_table(cli_result):
     result, scores = cli_result
     out = result.stdout
@@ -118,6 +119,7 @@ def test_prints_top1_top5_and_a_per_class_table(cli_result):
         assert int(row[2]) == entry["correct"] and row[3] == f"{entry['top1']:.2f}"
 
 
+@pytest.mark.slow
 def test_json_scores_equal_the_training_evaluation_at_that_iteration(cli_result, run):
     _, scores = cli_result
     trained = run.scores("ema")

@@ -1,4 +1,4 @@
-"""FixMatch maths against hand-computed values, and one real Engine step."""
+"""FixMatch maths against hand-computed values, and the real Engine step (the trainer) around it."""
 
 import math
 
@@ -7,17 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ignite_fixmatch.fixmatch import (
-    consistency_loss,
-    create_trainer,
-    de_interleave,
-    fixmatch_forward,
-    interleave,
-    masked_accuracy,
-    parameter_groups,
-    pseudo_labels,
-    supervised_loss,
-)
+from ignite_fixmatch.algorithms.fixmatch import FixMatch
+from ignite_fixmatch.algorithms.losses import consistency_loss, masked_accuracy, pseudo_labels, supervised_loss
+from ignite_fixmatch.trainer import create_trainer, de_interleave, forward_logits, interleave, parameter_groups
 from ignite_fixmatch.models import build_model
 
 
@@ -90,15 +82,24 @@ def test_masked_accuracy_nan_when_nothing_passes():
     assert math.isnan(masked_accuracy(pseudo, torch.full((3,), -1), torch.ones(3)).item())
 
 
+def fixmatch(threshold: float, lambda_u: float = 1.0) -> FixMatch:
+    return FixMatch.create(num_classes=10, threshold=threshold, lambda_u=lambda_u, hard_label=True, T=1.0)
+
+
+def _logits_with_y(logits, y):
+    logits_x, logits_w, logits_s = logits
+    return logits_x, y, logits_w, logits_s
+
+
 def test_forward_interleave_gives_same_losses_without_batchnorm():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
     x, y = torch.randn(2, 3, 2, 2), torch.tensor([1, 4])
     uw, us = torch.randn(6, 3, 2, 2), torch.randn(6, 3, 2, 2)
-    kw = dict(threshold=0.0, lambda_u=1.0, hard_label=True, T=1.0)
-    a = fixmatch_forward(model, x, y, uw, us, use_interleave=False, **kw)
-    b = fixmatch_forward(model, x, y, uw, us, use_interleave=True, **kw)
-    assert a["loss"].item() == pytest.approx(b["loss"].item(), rel=1e-6)
+    algorithm, no_index = fixmatch(0.0), torch.zeros(6, dtype=torch.long)
+    a = algorithm(*_logits_with_y(forward_logits(model, x, uw, us, use_interleave=False), y), no_index, no_index[0])
+    b = algorithm(*_logits_with_y(forward_logits(model, x, uw, us, use_interleave=True), y), no_index, no_index[0])
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6)
 
 
 def test_lambda_u_zero_trains_on_labels_only():
@@ -106,9 +107,10 @@ def test_lambda_u_zero_trains_on_labels_only():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
     x, y = torch.randn(2, 3, 2, 2), torch.tensor([1, 4])
     uw, us = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
-    out = fixmatch_forward(model, x, y, uw, us, threshold=0.0, lambda_u=0.0, hard_label=True, T=1.0, use_interleave=False)
-    assert out["loss"].item() == pytest.approx(out["loss_x"].item())
-    assert out["mask"].sum().item() == 4  # still reported
+    no_index = torch.zeros(4, dtype=torch.long)
+    out = fixmatch(0.0, lambda_u=0.0)(*_logits_with_y(forward_logits(model, x, uw, us), y), no_index, no_index[0])
+    assert out.loss.item() == pytest.approx(out.metrics["loss_x"].item())
+    assert out.mask.sum().item() == 4  # still reported
 
 
 def test_weight_decay_groups_reference_and_official():
@@ -134,6 +136,7 @@ def _batch(b=4, mu=2, classes=10, size=8):
         "u_w": torch.randn(b * mu, 3, size, size, generator=g),
         "u_s": torch.randn(b * mu, 3, size, size, generator=g),
         "u_y": torch.randint(0, classes, (b * mu,), generator=g),
+        "u_idx": torch.arange(b * mu),
     }
 
 
@@ -144,7 +147,7 @@ def test_engine_step_updates_weights_and_returns_flat_metrics(amp):
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     trainer = create_trainer(
-        model, opt, torch.device("cpu"), threshold=0.0, lambda_u=1.0, hard_label=True, T=1.0, amp=amp, amp_dtype="bfloat16", channels_last=True
+        model, opt, torch.device("cpu"), fixmatch(0.0), amp=amp, amp_dtype="bfloat16", channels_last=True
     )
     batch = _batch()
     trainer.run([batch], max_epochs=1)
@@ -157,12 +160,13 @@ def test_engine_step_updates_weights_and_returns_flat_metrics(amp):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_eager_and_keeps_the_model_plain():
     def run(compile_model):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        trainer = create_trainer(model, opt, torch.device("cpu"), threshold=0.0, lambda_u=1.0, hard_label=True, T=1.0, compile_model=compile_model)
+        trainer = create_trainer(model, opt, torch.device("cpu"), fixmatch(0.0), compile_model=compile_model)
         trainer.run([_batch()] * 2, max_epochs=1)
         return model, trainer.state.output
 
@@ -181,7 +185,7 @@ def test_compiled_step_matches_eager_and_keeps_the_model_plain():
 
 
 def test_amp_auto_is_bfloat16_on_gpus_and_off_on_cpus():
-    from ignite_fixmatch.fixmatch import amp_enabled, needs_grad_scaler, resolve_amp_dtype
+    from ignite_fixmatch.trainer import amp_enabled, needs_grad_scaler, resolve_amp_dtype
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert amp_enabled(cpu, None) is False and amp_enabled(gpu, None) is True
@@ -192,6 +196,7 @@ def test_amp_auto_is_bfloat16_on_gpus_and_off_on_cpus():
     assert not needs_grad_scaler(cpu, True, "bfloat16")
 
 
+@pytest.mark.slow
 def test_reduce_overhead_mode_trains_like_eager_on_cpu():
     """The default compile mode (reduce-overhead: CUDA graphs on a GPU) compiles and trains on a CPU too."""
     import torch._dynamo
@@ -201,7 +206,7 @@ def test_reduce_overhead_mode_trains_like_eager_on_cpu():
         model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         trainer = create_trainer(
-            model, opt, torch.device("cpu"), threshold=0.0, lambda_u=1.0, hard_label=True, T=1.0,
+            model, opt, torch.device("cpu"), fixmatch(0.0),
             compile_model=compile_model, compile_mode="reduce-overhead",
         )
         trainer.run([_batch()] * 3, max_epochs=1)
@@ -226,7 +231,7 @@ def test_a_model_that_cannot_be_compiled_trains_eagerly_with_a_warning(monkeypat
         model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 7), nn.ReLU(), nn.Linear(7, 10))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         trainer = create_trainer(
-            model, opt, torch.device("cpu"), threshold=0.0, lambda_u=1.0, hard_label=True, T=1.0, compile_model=compile_model,
+            model, opt, torch.device("cpu"), fixmatch(0.0), compile_model=compile_model,
         )
         trainer.run([_batch()] * 3, max_epochs=1)
         return model
@@ -235,7 +240,7 @@ def test_a_model_that_cannot_be_compiled_trains_eagerly_with_a_warning(monkeypat
     torch._dynamo.reset()
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-cxx-compiler",))
-    with caplog.at_level(logging.WARNING, logger="ignite_fixmatch.fixmatch"):
+    with caplog.at_level(logging.WARNING, logger="ignite_fixmatch.trainer"):
         fallback = run(True)
     torch._dynamo.reset()
     warnings = [r.getMessage() for r in caplog.records if "torch.compile failed at the first step" in r.getMessage()]

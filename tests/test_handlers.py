@@ -4,7 +4,6 @@ import logging
 import math
 import re
 import statistics
-import time
 
 import pytest
 import torch
@@ -100,7 +99,7 @@ def _diverging_step(bad_iteration, value=math.nan):
 
 @pytest.mark.parametrize("check_every,seen_at", [(50, 20), (5, 10), (1, 7)])
 def test_terminate_on_nan_read_late_names_the_exact_first_bad_iteration(tmp_path, check_every, seen_at):
-    from ignite_fixmatch.fixmatch import NonFiniteLossError
+    from ignite_fixmatch.trainer import NonFiniteLossError
 
     ctx = make_ctx(tmp_path, nn.Linear(2, 2), 20, _diverging_step(7, math.inf))
     attach_all(build_handlers([HandlerSpec("terminate_on_nan", {"check_every": check_every})]), ctx)
@@ -145,7 +144,7 @@ def _nan_run_with_checkpoints(tmp_path, bad_iteration, every, signal_at=None):
 
 
 def test_no_checkpoint_is_written_after_a_nan_between_reads(tmp_path):
-    from ignite_fixmatch.fixmatch import NonFiniteLossError
+    from ignite_fixmatch.trainer import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError) as e:
         _nan_run_with_checkpoints(tmp_path, bad_iteration=6, every=4)
@@ -157,7 +156,7 @@ def test_no_checkpoint_is_written_after_a_nan_between_reads(tmp_path):
 
 
 def test_the_preemption_save_is_refused_after_a_nan_between_reads(tmp_path):
-    from ignite_fixmatch.fixmatch import NonFiniteLossError
+    from ignite_fixmatch.trainer import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError) as e:  # not Preempted: nothing was saved
         _nan_run_with_checkpoints(tmp_path, bad_iteration=3, every=100, signal_at=5)
@@ -166,17 +165,23 @@ def test_the_preemption_save_is_refused_after_a_nan_between_reads(tmp_path):
 
 
 def test_no_evaluation_of_diverged_weights(tmp_path):
-    from ignite_fixmatch.fixmatch import NonFiniteLossError
+    """The evaluation handler calls ctx.guards (terminate_on_nan's check) before every evaluation."""
+    from types import SimpleNamespace
 
-    ctx = make_ctx(tmp_path, nn.Linear(2, 2), 20, _diverging_step(3))
-    evaluated = []
-    evaluator = Engine(lambda e, b: evaluated.append(1))
-    ctx.evaluators["ema"] = evaluator
-    attach_all(build_handlers([HandlerSpec("terminate_on_nan")]), ctx)
-    ctx.trainer.add_event_handler(Events.ITERATION_COMPLETED(every=2), lambda _: evaluator.run([0]))
+    from ignite_fixmatch.trainer import NonFiniteLossError
+
+    ctx = make_ctx(tmp_path, nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), 20, _diverging_step(3))
+    ctx.device = torch.device("cpu")
+    ctx.data = SimpleNamespace(sources=SimpleNamespace(num_classes=2, mean=(0.5,) * 3, std=(0.25,) * 3))
+    ctx.loaders["test"] = [(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))]
+    specs = [HandlerSpec("evaluation", {"every": 2, "models": ["raw"]}), HandlerSpec("terminate_on_nan")]
+    planned = build_handlers(specs)
+    assert [type(h).__name__ for h in planned] == ["StopOnNonFinite", "Evaluation"]  # the guard first, whatever the list says
+    attach_all(planned, ctx)
+    evaluation = planned[1]
     with pytest.raises(NonFiniteLossError, match="at iteration 3"):
         ctx.trainer.run([0] * 20, max_epochs=1)
-    assert len(evaluated) == 1 and ctx.trainer.state.iteration == 4  # evaluated at 2, refused at 4
+    assert [r["iteration"] for r in evaluation.history] == [2] and ctx.trainer.state.iteration == 4  # evaluated at 2, refused at 4
 
 
 def test_ema_averages_weights_and_copies_batchnorm_buffers(tmp_path):
@@ -234,6 +239,7 @@ def test_bad_handlers_are_refused_with_the_handler_named(spec, words):
         assert w in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_user_handler_loaded_by_dotted_path_fires_and_is_checkpointed(tmp_path):
     data = make_folder(tmp_path)
     out = tmp_path / "run"
@@ -241,7 +247,7 @@ def test_a_user_handler_loaded_by_dotted_path_fires_and_is_checkpointed(tmp_path
         "handlers=[{name: ema}, {name: evaluation, params: {every: 20}}, {name: checkpoint, params: {every: 10}}, "
         "{name: 'examples.mask_rate_alarm:MaskRateAlarm', params: {min_rate: 1.0, patience: 4}}]"
     )
-    result = cli(["configs/quickstart.yaml", *tiny_overrides(data, out), handlers, "fixmatch.threshold=1.0"])
+    result = cli(["configs/quickstart.yaml", *tiny_overrides(data, out), handlers, "algorithm.threshold=1.0"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("MaskRateAlarm: mask_rate below 1.000 for 4 iterations") == 5  # 20 iterations / 4
     state = load_state(out / "checkpoints" / "checkpoint_20.pt")
@@ -293,17 +299,27 @@ def test_progress_averages_the_window_since_the_last_line(tmp_path, caplog):
     assert "mask_rate 0.500" in lines[0] and "ETA" in lines[0]
 
 
-def test_progress_speed_and_eta_come_from_the_latest_window(tmp_path, caplog):
+def test_progress_speed_and_eta_come_from_the_latest_window(tmp_path, caplog, monkeypatch):
     """A slow first window (compiling) must not drag the speed or the ETA of later lines."""
+    import types
+
+    import handlers.progress
+
+    # The handler's clock is a fake one that only the steps move: 0.4 s for the first, 0.005 s for each other.
+    clock = types.SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(handlers.progress, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+
     def step(engine, batch):
-        time.sleep(0.4 if engine.state.iteration == 1 else 0.005)
+        clock.now += 0.4 if engine.state.iteration == 1 else 0.005
         return {"loss": torch.tensor(1.0), "loss_x": torch.tensor(1.0), "loss_u": torch.tensor(0.0), "mask_rate": torch.tensor(0.5), "lr": 0.03}
 
-    ctx = make_ctx(tmp_path, nn.Linear(2, 2), 8, step)
+    ctx = make_ctx(tmp_path, nn.Linear(2, 2), 1000, step)  # 1000 iterations planned, 8 run: the ETA counts
     ctx.logger = logging.getLogger("progress-speed-test")
     attach_all(build_handlers([HandlerSpec("progress", {"every": 4, "mode": "log"})]), ctx)
     with caplog.at_level(logging.INFO, logger="progress-speed-test"):
         ctx.trainer.run([0] * 8, max_epochs=1)
-    rates = [float(re.search(r"([\d.]+) it/s", r.getMessage()).group(1)) for r in caplog.records]
-    assert len(rates) == 2
-    assert rates[0] < 12 and rates[1] > 3 * rates[0]  # 4 its in >= 0.4 s, then 4 in ~0.02 s (overall: < 2x)
+    lines = [r.getMessage() for r in caplog.records]
+    rates = [float(re.search(r"([\d.]+) it/s", line).group(1)) for line in lines]
+    assert rates == [pytest.approx(4 / 0.415, abs=0.05), pytest.approx(4 / 0.02, abs=0.05)]  # 9.6 it/s, then 200 (overall: 18.4)
+    # ETA of the second line: 992 iterations at 200 it/s = 4.96 s (at the overall speed it would be 53.9 s).
+    assert "ETA 0:01:43" in lines[0] and "ETA 0:00:04" in lines[1], lines  # first: 996 at 9.64 it/s = 103 s

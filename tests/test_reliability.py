@@ -22,17 +22,27 @@ def run_args(folder, out, *extra):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_signal_saves_a_checkpoint_exits_75_and_resumes_bit_identical(sig, folder, finished_run, tmp_path):
+    from helpers import HOLD_AFTER, held_marker, with_handler
+
     reference, _ = finished_run
     out = tmp_path / "run"
-    proc = popen(run_args(folder, out))
-    wait_for_file(out / "checkpoints" / "checkpoint_5.pt", proc)
-    os.kill(proc.pid, sig)
-    output, _ = proc.communicate(timeout=120)
+    held, release = held_marker(out, 5), tmp_path / "release"
+    # Held after iteration 5 until the signal was sent: the run cannot finish before it gets the signal.
+    proc = popen(with_handler(run_args(folder, out), HOLD_AFTER, iteration=5, marker=str(held), release=str(release)))
+    try:
+        wait_for_file(held, proc)
+        os.kill(proc.pid, sig)
+        release.touch()
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
     assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
     assert "resume=auto" in output and "Traceback" not in output
     stopped = int(output.split("at iteration ")[-1].split(";")[0])
-    assert 5 <= stopped < 20
+    assert stopped in (5, 6)  # the end of the iteration that got the signal, or of the next one
     assert (out / "checkpoints" / f"checkpoint_{stopped}.pt").is_file()  # saved where it stopped
     result = cli([*run_args(folder, out), "resume=auto"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -40,45 +50,40 @@ def test_signal_saves_a_checkpoint_exits_75_and_resumes_bit_identical(sig, folde
     final_state_matches(reference, out)
 
 
-def _kill_during_checkpoint_write(args, folder_to_watch: Path) -> bool:
-    """Start the run and SIGKILL it the moment a temporary checkpoint file appears. True if it did."""
-    proc = popen(args)
-    try:
-        while proc.poll() is None:
-            if folder_to_watch.is_dir() and any(p.name.startswith("tmp") for p in os.scandir(folder_to_watch)):
-                proc.kill()
-                return True
-    finally:
-        proc.kill()
-        proc.wait()
-    return False
-
-
+@pytest.mark.slow
 def test_sigkill_inside_a_checkpoint_write_leaves_a_loadable_checkpoint(folder, finished_run, tmp_path):
+    from helpers import HOLD_IN_SAVE, held_marker, with_handler
+
     reference, _ = finished_run
     out = tmp_path / "run"
     args = run_args(folder, out, "resume=auto")
-    kills = 0
-    for _ in range(6):  # each attempt resumes and is killed at its next write; the run still converges
-        kills += _kill_during_checkpoint_write(args, out / "checkpoints")
-        if (out / "checkpoints" / "checkpoint_20.pt").exists():
-            break
-        for path in (out / "checkpoints").glob("checkpoint_*.pt"):
+    for iteration in (10, 15):  # killed inside the write of checkpoint_10, then the resumed run inside checkpoint_15's
+        held = held_marker(out, iteration)
+        proc = popen(with_handler(args, HOLD_IN_SAVE, iteration=iteration, marker=str(held)))
+        try:
+            wait_for_file(held, proc)  # half of the checkpoint's bytes are written, the process waits
+        finally:
+            proc.kill()
+            proc.wait()
+        ckpts = out / "checkpoints"
+        assert [p for p in ckpts.iterdir() if p.name.startswith("tmp")], "the write was not an atomic (temporary file) write"
+        assert not (ckpts / f"checkpoint_{iteration}.pt").exists()  # the half-written checkpoint has no final name
+        for path in ckpts.glob("checkpoint_*.pt"):
             load_state(path)  # every complete-named file is loadable, even right after a kill mid-write
-    assert kills >= 1, "never caught the run inside a checkpoint write"
     result = cli(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list((out / "checkpoints").glob("tmp*"))  # leftovers of killed writes are cleaned
     final_state_matches(reference, out)
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_the_iteration_and_keeps_the_last_good_checkpoint(folder, tmp_path):
     out = tmp_path / "run"
     first = cli(run_args(folder, out, "train.num_iters=10"))
     assert first.returncode == 0, first.stderr[-3000:]
     good = load_state(out / "checkpoints" / "checkpoint_10.pt")
     # lambda_u is not part of the saved state: resuming with an absurd weight makes the loss blow up.
-    result = cli(run_args(folder, out, "train.num_iters=20", "resume=auto", "fixmatch.lambda_u=1e38", "fixmatch.threshold=0.0"))
+    result = cli(run_args(folder, out, "train.num_iters=20", "resume=auto", "algorithm.lambda_u=1e38", "algorithm.threshold=0.0"))
     assert result.returncode == EXIT_DIVERGED, result.stderr[-3000:]
     assert "training diverged" in result.stderr and "checkpoint_10.pt" in result.stderr
     # The loss is read on the host every 50 iterations and before every checkpoint write: found at the
@@ -97,12 +102,13 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous_one(folder, tmp_path):
     out = tmp_path / "run"
     first = cli(run_args(folder, out, "train.num_iters=5"))
     assert first.returncode == 0, first.stderr[-3000:]
     result = subprocess.run(
-        [os.sys.executable, "-m", "ignite_fixmatch.main", *run_args(folder, out, "resume=auto", "handlers.5.params.every=100")],
+        [os.sys.executable, "-m", "ignite_fixmatch.main", *run_args(folder, out, "resume=auto", "handlers.tensorboard.every=100")],
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size,
     )
     assert result.returncode == EXIT_SAVE_FAILED, result.stderr[-3000:]
@@ -138,6 +144,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(folder, tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_or_data_set_is_refused(folder, finished_run, tmp_path):
     reference, _ = finished_run
     ckpt = reference / "checkpoints" / "checkpoint_20.pt"
@@ -155,6 +162,7 @@ def test_a_checkpoint_of_another_model_or_data_set_is_refused(folder, finished_r
     assert "other classes" in renamed.stderr and "frog" in renamed.stderr and "toad" in renamed.stderr
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_is_named_and_can_be_skipped(folder, tmp_path):
     import shutil
 
@@ -170,6 +178,7 @@ def test_a_corrupt_image_is_named_and_can_be_skipped(folder, tmp_path):
     assert victim.name in skipped.stderr  # warned
 
 
+@pytest.mark.slow
 def test_secrets_from_the_environment_never_reach_the_outputs(folder, tmp_path):
     secret = "s3cr3t-token-value-123"
     env = dict(subprocess_env(), CLEARML_API_SECRET_KEY=secret, CLEARML_API_ACCESS_KEY=secret, AWS_SECRET_ACCESS_KEY=secret)

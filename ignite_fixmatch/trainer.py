@@ -1,8 +1,11 @@
-"""FixMatch as small pure functions, and the Ignite Engine that runs one update per iteration.
+"""The Ignite Engine whose iteration is one semi-supervised update, whatever the algorithm.
 
-The maths follows ../shared/reference/FIXMATCH.md ("One training step"). The process function
-returns a flat dict of tensors; nothing is turned into a Python number here, so a GPU step never
-waits for the host (handlers convert what they log).
+The trainer owns what every algorithm shares: moving the batch to the device, the device-side
+augmentation, one forward pass over cat([x, u_w, u_s]) (interleaved if asked), AMP, torch.compile,
+backward, the optimizer step, and gathering the algorithm's statistics over processes before its state
+is updated. The algorithm (``ignite_fixmatch.algorithms``) turns the logits into the loss. The process
+function returns a flat dict of tensors; nothing is turned into a Python number here, so a GPU step
+never waits for the host (handlers convert what they log).
 """
 
 from __future__ import annotations
@@ -11,56 +14,26 @@ import contextlib
 import logging
 from typing import Any, Callable, Mapping
 
+import ignite.distributed as idist
 import torch
-import torch.nn.functional as F
 from ignite.engine import Engine
 from torch import Tensor, nn
 
+from ignite_fixmatch.algorithms import Algorithm
+from ignite_fixmatch.algorithms.losses import masked_accuracy
+
 logger = logging.getLogger(__name__)
 
-
-METRICS = ("loss", "loss_x", "loss_u", "mask_rate", "pseudo_acc")  # what one update reports, in order
+COMMON_METRICS = ("mask_rate", "pseudo_acc")  # reported for every algorithm, after its own metrics
 
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged (NaN or inf loss); the message names the iteration and the last good checkpoint."""
 
 
-def supervised_loss(logits_x: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy of the labeled part, mean over the labeled batch."""
-    return F.cross_entropy(logits_x, targets, reduction="mean")
-
-
-def pseudo_labels(logits_weak: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(probabilities, hard pseudo-labels, mask) from the weak view; no gradient flows back.
-
-    The mask is 1.0 where the top probability is at or above ``threshold``.
-    """
-    probs = torch.softmax(logits_weak.detach().float(), dim=1)
-    confidence, labels = probs.max(dim=1)
-    mask = (confidence >= threshold).float()
-    return probs, labels, mask
-
-
-def consistency_loss(
-    logits_strong: Tensor,
-    logits_weak: Tensor,
-    threshold: float,
-    hard_label: bool = True,
-    T: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """FixMatch's unlabeled loss: (loss_u, mask, pseudo-labels).
-
-    Hard: mean over *all* unlabeled samples of CE(strong, pseudo) * mask (masked-out ones count as 0).
-    Soft: mean of mask * sum_c -softmax(weak / T)_c * log_softmax(strong)_c.
-    """
-    _, labels, mask = pseudo_labels(logits_weak, threshold)
-    if hard_label:
-        per_sample = F.cross_entropy(logits_strong, labels, reduction="none")
-    else:
-        soft_targets = torch.softmax(logits_weak.detach().float() / T, dim=1)
-        per_sample = -(soft_targets * F.log_softmax(logits_strong.float(), dim=1)).sum(dim=1)
-    return (per_sample * mask).mean(), mask, labels
+def step_metric_names(algorithm: Algorithm) -> tuple[str, ...]:
+    """The tensors one update reports, in order: loss, the algorithm's own metrics, mask_rate, pseudo_acc."""
+    return ("loss", *algorithm.metric_names, *COMMON_METRICS)
 
 
 def interleave(x: Tensor, size: int) -> Tensor:
@@ -77,27 +50,9 @@ def de_interleave(x: Tensor, size: int) -> Tensor:
     return x.reshape([size, -1] + s[1:]).transpose(0, 1).reshape([-1] + s[1:])
 
 
-def masked_accuracy(pseudo: Tensor, true_labels: Tensor, mask: Tensor) -> Tensor:
-    """Accuracy of the pseudo-labels that passed the threshold; NaN where none did or labels are unknown."""
-    known = (true_labels >= 0).float() * mask
-    correct = ((pseudo == true_labels).float() * known).sum()
-    return correct / known.sum()  # 0/0 -> NaN on purpose: "no measurement", not "0 % right"
-
-
-def fixmatch_forward(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    u_weak: Tensor,
-    u_strong: Tensor,
-    *,
-    threshold: float,
-    lambda_u: float,
-    hard_label: bool,
-    T: float,
-    use_interleave: bool,
-) -> dict[str, Tensor]:
-    """One forward over cat([x, u_w, u_s]) (batch-norm sees the whole batch) and the FixMatch losses."""
+def forward_logits(model: nn.Module, x: Tensor, u_weak: Tensor, u_strong: Tensor, use_interleave: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(logits_x, logits_w, logits_s) in float32 from one forward over cat([x, u_w, u_s]): batch-norm
+    sees the whole batch, as in the paper's reference code."""
     batch = torch.cat([x, u_weak, u_strong])
     b = x.shape[0]
     groups = batch.shape[0] // b
@@ -106,16 +61,16 @@ def fixmatch_forward(
     else:
         logits = model(batch)
     logits = logits.float()
-    logits_x = logits[:b]
     logits_w, logits_s = logits[b:].chunk(2)
-    loss_x = supervised_loss(logits_x, y)
-    if lambda_u > 0:
-        loss_u, mask, pseudo = consistency_loss(logits_s, logits_w, threshold, hard_label, T)
-    else:  # labels only: still report what the mask would be, but do not train on it
-        _, pseudo, mask = pseudo_labels(logits_w, threshold)
-        loss_u = torch.zeros((), device=logits.device)
-    loss = loss_x + lambda_u * loss_u
-    return {"loss": loss, "loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "mask": mask, "pseudo": pseudo}
+    return logits[:b], logits_w, logits_s
+
+
+def gather_stats(stats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Every process's statistics, concatenated in rank order along dimension 0 (the same on every
+    process), so that every process applies the same state update."""
+    if idist.get_world_size() == 1:
+        return dict(stats)
+    return {k: idist.all_gather(v.detach()) for k, v in stats.items()}
 
 
 def amp_enabled(device: torch.device, amp: bool | None) -> bool:
@@ -148,11 +103,8 @@ def create_trainer(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    algorithm: Algorithm,
     *,
-    threshold: float,
-    lambda_u: float,
-    hard_label: bool,
-    T: float,
     use_interleave: bool = False,
     amp: bool | None = False,
     amp_dtype: str = "auto",
@@ -162,27 +114,32 @@ def create_trainer(
     compile_model: bool = False,
     compile_mode: str = "default",
 ) -> Engine:
-    """An Engine whose iteration is one FixMatch update on a batch dict (x, y, u_w, u_s, u_y).
+    """An Engine whose iteration is one update of ``algorithm`` on a batch (x, y, u_w, u_s, u_y, u_idx).
 
+    ``algorithm`` must already be on ``device`` (its buffers are read in the step).
     ``scaler``: a GradScaler for float16 AMP (the caller owns it, so the checkpoint can hold it).
     ``batch_transform`` runs on the device before the forward (e.g. batched augmentation on the GPU).
-    ``compile_model``: the forward, the losses and the step's metrics go through one ``torch.compile``d
-    function (the losses fuse with the model's last layers, and "reduce-overhead" replays them in the
-    same CUDA graphs); the model itself (its state dict, the EMA copy, evaluation) stays uncompiled.
+    ``compile_model``: the forward, the algorithm's loss and the step's metrics go through one
+    ``torch.compile``d function (the losses fuse with the model's last layers, and "reduce-overhead"
+    replays them in the same CUDA graphs); the model itself (its state dict, the EMA copy, evaluation)
+    stays uncompiled. The algorithm's state update runs eagerly after the backward pass.
     ``compile_mode``: torch.compile's mode; "reduce-overhead" also replays forward and backward as CUDA
     graphs on a GPU. If the first compiled step fails (a model or backend that cannot be compiled), the
     run warns and goes on without compiling; a later failure is raised.
     """
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    names = step_metric_names(algorithm)
+    step_index = torch.zeros((), dtype=torch.long, device=device)  # a tensor: compiled code never captures it
 
-    def losses_and_metrics(x: Tensor, y: Tensor, u_w: Tensor, u_s: Tensor, u_y: Tensor) -> tuple[Tensor, Tensor]:
-        """(loss to back-propagate, the metrics of METRICS stacked in one vector)."""
-        out = fixmatch_forward(
-            model, x, y, u_w, u_s, threshold=threshold, lambda_u=lambda_u, hard_label=hard_label, T=T, use_interleave=use_interleave,
-        )
-        mask = out["mask"]
-        metrics = torch.stack([out["loss"].detach(), out["loss_x"], out["loss_u"], mask.mean(), masked_accuracy(out["pseudo"], u_y, mask)])
-        return out["loss"], metrics
+    def losses_and_metrics(
+        x: Tensor, y: Tensor, u_w: Tensor, u_s: Tensor, u_y: Tensor, u_idx: Tensor, step: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(loss to back-propagate, the metrics of ``names`` stacked in one vector, the algorithm's stats)."""
+        logits_x, logits_w, logits_s = forward_logits(model, x, u_w, u_s, use_interleave)
+        out = algorithm(logits_x, y, logits_w, logits_s, u_idx, step)
+        own = [out.metrics[k] for k in algorithm.metric_names]
+        metrics = torch.stack([out.loss.detach(), *own, out.mask.mean(), masked_accuracy(out.pseudo_labels, u_y, out.mask)])
+        return out.loss, metrics, out.stats
 
     compiled = torch.compile(losses_and_metrics, mode=None if compile_mode == "default" else compile_mode) if compile_model else None
     step = {"fn": compiled or losses_and_metrics, "proven": compiled is None}
@@ -197,35 +154,38 @@ def create_trainer(
         batch = {k: to_device(v) for k, v in batch.items()}
         if batch_transform is not None:
             batch = batch_transform(batch)
+        step_index.fill_(engine.state.iteration - 1)
 
-        def forward_backward(fn: Callable[..., tuple[Tensor, Tensor]]) -> Tensor:
+        def forward_backward(fn: Callable[..., tuple[Tensor, Tensor, dict[str, Tensor]]]) -> tuple[Tensor, dict[str, Tensor]]:
             if fn is compiled:
                 torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs may be reused
             with autocast_context(device, amp, amp_dtype):
-                loss, metrics = fn(batch["x"], batch["y"], batch["u_w"], batch["u_s"], batch["u_y"])
+                loss, metrics, stats = fn(batch["x"], batch["y"], batch["u_w"], batch["u_s"], batch["u_y"], batch["u_idx"], step_index)
             optimizer.zero_grad(set_to_none=True)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            return metrics.clone()  # a CUDA graph's output is overwritten by the next replay; handlers read it later
+            return metrics.clone(), stats  # a CUDA graph's output is overwritten by the next replay; handlers read it later
 
         if step["proven"]:
-            metrics = forward_backward(step["fn"])
+            metrics, stats = forward_backward(step["fn"])
         else:  # the first compiled step: compiling happens here
             try:
-                metrics = forward_backward(step["fn"])
+                metrics, stats = forward_backward(step["fn"])
             except Exception as e:  # noqa: BLE001 - any compiler failure; a real error recurs eagerly below
                 logger.warning(
                     "torch.compile failed at the first step (%s: %s); training goes on without it "
                     "(set model.compile=off to skip compiling).", type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "",
                 )
                 step["fn"] = losses_and_metrics
-                metrics = forward_backward(losses_and_metrics)
+                metrics, stats = forward_backward(losses_and_metrics)
             step["proven"] = True
+        if stats:
+            algorithm.update_state(**gather_stats(stats))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
-        return {**dict(zip(METRICS, metrics.unbind())), "lr": optimizer.param_groups[0]["lr"]}
+        return {**dict(zip(names, metrics.unbind())), "lr": optimizer.param_groups[0]["lr"]}
 
     return Engine(update)
 

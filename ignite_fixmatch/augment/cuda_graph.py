@@ -8,7 +8,7 @@ single call. The kernels are the same, so the results are the same bit for bit.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
