@@ -51,12 +51,12 @@ class Table:
         return "\n".join(out)
 
 
-def fmt_rate(values: list[float], unit: str = "img/s") -> str:
+def fmt_rate(values: list[float], unit: str = "img/s", digits: int = 0) -> str:
     """Median and spread of per-round rates."""
     med = statistics.median(values)
     if len(values) > 1:
-        return f"{med:,.0f} {unit} ({min(values):,.0f}-{max(values):,.0f})"
-    return f"{med:,.0f} {unit}"
+        return f"{med:,.{digits}f} {unit} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
+    return f"{med:,.{digits}f} {unit}"
 
 
 def error_note(e: BaseException) -> str:

@@ -14,11 +14,14 @@ iteration and before the reports and the checkpoint (which saves its counter of 
 
 from __future__ import annotations
 
-from typing import Any
-
-from ignite.engine import Engine, Events
+from typing import TYPE_CHECKING, Any
 
 from ignite_fixmatch.plugins import DEFAULT, Context
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+# Ignite is imported in attach: handlers are imported and checked before torch loads, so a bad config is refused in about a second.
 
 
 class MaskRateAlarm:
@@ -35,6 +38,8 @@ class MaskRateAlarm:
         self.alarms = 0
 
     def attach(self, ctx: Context) -> None:
+        from ignite.engine import Events
+
         self.logger = ctx.logger
         ctx.trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.check)
         ctx.to_save["mask_rate_alarm"] = self

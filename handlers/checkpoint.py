@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver
-
+from ignite_fixmatch.checkpoint_names import CHECKPOINT_DIR, best_score, checkpoint_iteration, is_best, list_checkpoints, newest_checkpoint
+from ignite_fixmatch.errors import CheckpointWriteError
 from ignite_fixmatch.plugins import PERSIST, Context
-from ignite_fixmatch.resume import CHECKPOINT_DIR, CheckpointWriteError, checkpoint_iteration, list_checkpoints, newest_checkpoint
 
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+    from ignite.handlers import Checkpoint
 
-def best_score(path: Path) -> float:
-    """The top-1 in a best checkpoint's name: best_checkpoint_<iteration>_top1=<score>.pt."""
-    return float(path.stem.rsplit("=", 1)[-1])
+# Ignite is imported in attach: handlers are imported and checked before torch loads, so a bad config is refused in about a second.
 
 
 class Checkpointing:
@@ -52,6 +52,9 @@ class Checkpointing:
         self._best_checked_at = -1
 
     def attach(self, ctx: Context) -> None:
+        from ignite.engine import Events
+        from ignite.handlers import Checkpoint, DiskSaver
+
         self.run_dir = Path(ctx.output_dir)
         self.folder = self.run_dir / CHECKPOINT_DIR
         self.is_writer = ctx.rank == 0
@@ -75,7 +78,7 @@ class Checkpointing:
         ctx.trainer.add_event_handler(Events.COMPLETED, self._at_end)
 
     def _files(self, best: bool) -> list[Path]:
-        return [p for p in list_checkpoints(self.run_dir) if p.name.startswith("best") == best]
+        return [p for p in list_checkpoints(self.run_dir) if is_best(p) == best]
 
     def _score(self, engine: Engine) -> float:
         return float(self.evaluators[self.best_model].state.metrics["top1"])

@@ -14,17 +14,19 @@ import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ignite.engine import Engine, Events
 from PIL import Image
 
-from handlers.checkpoint import best_score
-from ignite_fixmatch.augment import pad_crop_flip
+from ignite_fixmatch.checkpoint_names import best_checkpoint
 from ignite_fixmatch.config import ConfigError, dump_yaml, to_dict
 from ignite_fixmatch.plugins import REPORT, Context, step_scalars
-from ignite_fixmatch.resume import checkpoint_iteration, list_checkpoints
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+# torch, Ignite and ClearML are imported where used: handlers are imported and checked before torch loads, so a bad config is refused in about a second.
 
 EVAL_METRICS = ("top1", "top5", "loss")
 SAMPLE_MIN_SIDE = 96  # tiny images (16 or 32 px) are upscaled so the UI shows them at a readable size
@@ -67,7 +69,7 @@ class ClearML:
         self,
         project: str = "ignite-fixmatch",
         task_name: str | None = None,
-        offline: Union[str, bool] = "auto",
+        offline: str | bool = "auto",
         upload_best_model: bool = True,
         sample_images: int = 8,
         every: int = 10,
@@ -95,6 +97,7 @@ class ClearML:
     # ------------------------------------------------------------------ attach
 
     def attach(self, ctx: Context) -> None:
+        from ignite.engine import Events
         from ignite.handlers.clearml_logger import ClearMLLogger
 
         self.ctx = ctx
@@ -275,16 +278,12 @@ def _unreachable(host: str, timeout: float) -> str | None:
     return None
 
 
-def best_checkpoint(output_dir: Path) -> Path | None:
-    """The checkpoint handler's best file with the highest top-1, the latest iteration on a tie."""
-    best = [p for p in list_checkpoints(output_dir) if p.name.startswith("best")]
-    return max(best, key=lambda p: (best_score(p), checkpoint_iteration(p))) if best else None
-
-
 def augmentation_samples(data: Any, n: int, seed: int) -> list[np.ndarray]:
     """``n`` unlabeled images spread over the set, each as one RGB array: original | weak | strong.
 
     Draws from their own ``random.Random``, so training randomness is untouched."""
+    from ignite_fixmatch.augment import pad_crop_flip
+
     total = len(data.unlabeled)
     m = min(n, total)
     indices = sorted({round(k * (total - 1) / max(m - 1, 1)) for k in range(m)})

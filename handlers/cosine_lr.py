@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
-
-from ignite.engine import Engine, Events
+from typing import TYPE_CHECKING, Any
 
 from ignite_fixmatch.plugins import UPDATE, Context
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+# Ignite is imported in attach: handlers are imported and checked before torch loads, so a bad config is refused in about a second.
 
 
 def cosine_factor(k: int, total: int, warmup: int = 0, cycles: float = 7 / 16) -> float:
@@ -40,6 +43,8 @@ class CosineLR:
         self.warmup_iters, self.cycles = warmup_iters, cycles
 
     def attach(self, ctx: Context) -> None:
+        from ignite.engine import Events
+
         self.total = ctx.config.train.num_iters
         if self.warmup_iters >= self.total:
             raise ValueError(f"cosine_lr: warmup_iters={self.warmup_iters} must be below train.num_iters={self.total}")

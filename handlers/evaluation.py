@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ignite.engine import Engine, Events
-
-from ignite_fixmatch.evaluation import create_evaluator
 from ignite_fixmatch.plugins import MEASURE, Context, every_iterations
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+# torch and Ignite are imported in attach: handlers are imported and checked before torch loads, so a bad config is refused in about a second.
 
 MODELS = ("ema", "raw")
 
@@ -46,6 +48,10 @@ class Evaluation:
         self.last_iteration = -1
 
     def attach(self, ctx: Context) -> None:
+        from ignite.engine import Events
+
+        from ignite_fixmatch.evaluation import create_evaluator
+
         if "ema" in self.models and ctx.ema_model is None:  # plan_handlers refuses such a list: attached by hand
             raise ValueError("evaluation: models includes 'ema' but the ema handler is not attached before it")
         cfg = ctx.config

@@ -5,12 +5,15 @@ from __future__ import annotations
 import sys
 import time
 from datetime import timedelta
-
-import torch
-from ignite.engine import Engine, Events
-from ignite.handlers import ProgressBar
+from typing import TYPE_CHECKING
 
 from ignite_fixmatch.plugins import REPORT, Context
+
+if TYPE_CHECKING:
+    import torch
+    from ignite.engine import Engine
+
+# torch and Ignite are imported where used: handlers are imported and checked before torch loads, so a bad config is refused in about a second.
 
 AVERAGED = ("loss", "loss_x", "loss_u", "mask_rate")
 
@@ -24,6 +27,8 @@ class WindowAverage:
         self.count = 0
 
     def update(self, engine: Engine) -> None:
+        import torch
+
         out = engine.state.output
         values = [out[key].detach() for key in AVERAGED]
         if self.sums is None:
@@ -33,6 +38,8 @@ class WindowAverage:
         self.count += 1
 
     def read(self) -> dict[str, float]:
+        import torch
+
         if self.sums is None:
             return {}
         means = (torch.stack(self.sums) / self.count).tolist()  # one host sync
@@ -56,6 +63,9 @@ class Progress:
         self.every, self.mode = every, mode
 
     def attach(self, ctx: Context) -> None:
+        from ignite.engine import Events
+        from ignite.handlers import ProgressBar
+
         trainer = ctx.trainer
         window = WindowAverage()
         use_bar = self.mode == "bar" or (self.mode == "auto" and sys.stdout.isatty())

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
-from ignite.engine import Engine, Events
-from ignite.handlers.tensorboard_logger import GradsScalarHandler, OutputHandler, TensorboardLogger
+from typing import TYPE_CHECKING, Any
 
 from ignite_fixmatch.plugins import REPORT, Context, every_iterations, step_scalars
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+    from ignite.handlers.tensorboard_logger import TensorboardLogger
+
+# torch, Ignite and TensorBoard are imported in attach: handlers are imported and checked before torch loads, so a bad config is refused in about a second.
 
 
 class TensorBoard:
@@ -27,11 +29,16 @@ class TensorBoard:
         self.every, self.log_dir, self.grad_norm = every, log_dir, grad_norm
 
     def attach(self, ctx: Context) -> None:
+        import torch
+        from ignite.engine import Events
+        from ignite.handlers.tensorboard_logger import GradsScalarHandler, OutputHandler, TensorboardLogger
+
         self.logger = TensorboardLogger(log_dir=str(Path(ctx.output_dir) / self.log_dir))
         trainer = ctx.trainer
         every_iterations(trainer, self.every, lambda engine: _log_train_scalars(engine, self.logger, Events.ITERATION_COMPLETED))
         if self.grad_norm:
-            self.logger.attach(trainer, log_handler=GradsScalarHandler(ctx.model, reduction=torch.norm), event_name=Events.ITERATION_COMPLETED(every=self.every))
+            grads = GradsScalarHandler(ctx.model, reduction=torch.norm)
+            self.logger.attach(trainer, log_handler=grads, event_name=Events.ITERATION_COMPLETED(every=self.every))
         for name, evaluator in ctx.evaluators.items():
             self.logger.attach(
                 evaluator,

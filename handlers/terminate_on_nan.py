@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import ignite.distributed as idist
-import torch
-from ignite.engine import Engine, Events
+from typing import TYPE_CHECKING
 
-from ignite_fixmatch.trainer import NonFiniteLossError
+from ignite_fixmatch.checkpoint_names import newest_checkpoint
+from ignite_fixmatch.errors import NonFiniteLossError
 from ignite_fixmatch.plugins import GUARD, Context
-from ignite_fixmatch.resume import newest_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+    from ignite.engine import Engine
+
+# torch and Ignite are imported where used: handlers are imported and checked before torch loads, so a bad config is refused in about a second.
 
 
 class StopOnNonFinite:
@@ -38,12 +42,16 @@ class StopOnNonFinite:
         self.error: str | None = None  # once diverged, every later check raises again
 
     def attach(self, ctx: Context) -> None:
+        from ignite.engine import Events
+
         self.output_dir = ctx.output_dir
         ctx.trainer.add_event_handler(Events.ITERATION_COMPLETED, self.record)
         ctx.trainer.add_event_handler(Events.COMPLETED, self.check)
         ctx.guards.append(self.check)
 
     def record(self, engine: Engine) -> None:
+        import torch
+
         loss = engine.state.output[self.key]
         loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss), dtype=torch.float64)
         if self.window is None:
@@ -65,6 +73,9 @@ class StopOnNonFinite:
             raise NonFiniteLossError(self.error)
 
     def _read(self, engine: Engine) -> str | None:
+        import ignite.distributed as idist
+        import torch
+
         count, self.count = self.count, 0
         window = self.window[:count] if count else None
         bad_at = -1

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
-
-from ignite.engine import Engine, Events
-from ignite.handlers.time_profilers import HandlersTimeProfiler
+from typing import TYPE_CHECKING, Any
 
 from ignite_fixmatch.plugins import REPORT, Context
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+# Ignite is imported in attach: handlers are imported and checked before torch loads, so a bad config is refused in about a second.
 
 COLUMNS = ("handler", "event", "total_s", "min_s", "min_at", "max_s", "max_at", "mean_s", "std_s")
 
@@ -37,6 +39,9 @@ class HandlersTimer:
         self.csv, self.file = csv, file
 
     def attach(self, ctx: Context) -> None:
+        from ignite.engine import Events
+        from ignite.handlers.time_profilers import HandlersTimeProfiler
+
         self.ctx = ctx
         self.profiler = HandlersTimeProfiler()
         self.profiler.attach(ctx.trainer)

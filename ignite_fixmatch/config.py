@@ -13,19 +13,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from ignite_fixmatch.datasets import registry as dataset_registry
+from ignite_fixmatch.errors import ConfigError
 
 DATASETS = dataset_registry.dataset_names()  # the valid data.name values, from the data-set registry
 # Number of classes of the data sets whose classes are known before any file is read.
 KNOWN_NUM_CLASSES = dataset_registry.known_num_classes()
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message that says which key, what value and what is allowed."""
 
 
 @dataclass
@@ -44,11 +41,11 @@ class DataConfig:
     # Labeled images drawn from the training pool, balanced over classes; -1 labels all of it.
     num_labels: int = 4000
     # Input side in pixels; null keeps the data set's own size (32 CIFAR/SVHN, 96 STL-10, 8 digits).
-    image_size: Optional[int] = None
+    image_size: int | None = None
     # Colour channels for `folder` (3 RGB, 1 grayscale); null: 3 for folder, the data set's own otherwise.
-    channels: Optional[int] = None
+    channels: int | None = None
     # `folder` only: a folder of extra unlabeled images without class sub-folders (relative to root).
-    unlabeled_dir: Optional[str] = None
+    unlabeled_dir: str | None = None
     # Keep the labeled images in the unlabeled stream too (reference behaviour).
     unlabeled_includes_labeled: bool = True
     batch_size: int = 64  # labeled images per step, over all processes
@@ -70,11 +67,11 @@ class DataConfig:
     cuda_graph: Literal["auto", "on", "off"] = "auto"
     pad_mode: Literal["constant", "reflect"] = "constant"  # reference pads with zeros, official reflects
     # Random horizontal flip in both views; null: on, except for digits (svhn, digits).
-    flip: Optional[bool] = None
+    flip: bool | None = None
     # Skip unreadable images (with a warning and a count) instead of stopping.
     skip_corrupt: bool = False
     # Seed of the labeled split; null uses `seed`.
-    split_seed: Optional[int] = None
+    split_seed: int | None = None
 
 
 @dataclass
@@ -143,12 +140,12 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     # null: single process (CPU or one GPU), or whatever torchrun set up. "nccl" (GPUs) or "gloo" (CPU).
-    backend: Optional[Literal["nccl", "gloo"]] = None
-    nproc_per_node: Optional[int] = None  # processes spawned by Ignite on this node
+    backend: Literal["nccl", "gloo"] | None = None
+    nproc_per_node: int | None = None  # processes spawned by Ignite on this node
     nnodes: int = 1
     node_rank: int = 0
-    master_addr: Optional[str] = None
-    master_port: Optional[int] = None
+    master_addr: str | None = None
+    master_port: int | None = None
     # A collective that waits longer than this fails the job instead of hanging it.
     timeout_s: int = 600
 
@@ -171,11 +168,11 @@ class Config:
     seed: int = 0
     # Mixed precision. null (auto): on for a CUDA GPU, off on a CPU (bfloat16 there is emulated unless
     # the CPU has AVX512-BF16/AMX, and slower than float32).
-    amp: Optional[bool] = None
+    amp: bool | None = None
     # auto: bfloat16 where the device has it (no GradScaler, no host sync), else float16 + GradScaler.
     amp_dtype: Literal["auto", "float16", "bfloat16"] = "auto"
     # null: new run; "auto": newest checkpoint in output_dir (a new run if none); or a checkpoint path.
-    resume: Optional[str] = None
+    resume: str | None = None
     overwrite: bool = False  # allow a new run in a non-empty output_dir (its old content is cleared)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -295,7 +292,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 def algorithm_spec(value: Any, key: str) -> AlgorithmSpec:
     """``algorithm:`` -> AlgorithmSpec: ``name`` resolved to its class (imported), the other keys built
     into that class's ``Params`` dataclass, so a typo or a wrong type names ``algorithm.<key>``."""
-    from ignite_fixmatch.algorithms import resolve_algorithm
+    from ignite_fixmatch.algorithms import params_class
 
     if value is None:
         value = {}
@@ -305,7 +302,7 @@ def algorithm_spec(value: Any, key: str) -> AlgorithmSpec:
     name = data.pop("name", "fixmatch")
     if not isinstance(name, str) or not name.strip():
         _fail(f"{key}.name", name, "an algorithm name (e.g. fixmatch) or 'package.module:Class'")
-    params_cls = resolve_algorithm(name).Params
+    params_cls = params_class(name)
     known = [f.name for f in dataclasses.fields(params_cls)]
     unknown = [k for k in data if k not in known]
     if unknown:

@@ -13,9 +13,10 @@ Randomness that survives resume and any number of workers or processes:
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import ignite.distributed as idist
 import numpy as np
@@ -198,7 +199,7 @@ class FixMatchData:
     strong: StrongView
     augment: str = "pil"  # data.augment resolved: "pil", "batched" or "device"
     # batched and device: the trainer's batch_transform (the views made on the training device)
-    batched: Optional[BatchedAugment] = None
+    batched: BatchedAugment | None = None
 
 
 def view_settings(cfg: Config, sources: DataSources) -> dict[str, Any]:

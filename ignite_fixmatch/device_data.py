@@ -14,7 +14,7 @@ same (``tests/test_augment_batched.py`` tests that).
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch

@@ -1,6 +1,6 @@
 """Command line: ``python -m ignite_fixmatch.main CONFIG.yaml [key=value ...]``.
 
-Reads and checks the config, checks every handler, then hands ``training`` to
+Reads and checks the config, checks every handler (before torch is even imported), then hands ``training`` to
 ``ignite.distributed.Parallel``, which runs it in this process (CPU or one GPU), spawns
 ``dist.nproc_per_node`` processes, joins a multi-node job, or picks up what ``torchrun`` set up.
 """
@@ -12,34 +12,20 @@ import os
 import sys
 from datetime import timedelta
 
-import ignite.distributed as idist
-import torch
-from torch.multiprocessing import ProcessExitedException
-
+# Only light modules here: the config and the handler list are checked before torch is imported
+# (about 2.5 s), so a bad config is refused in about a second. Torch, Ignite and the training code
+# load in run_job, once the config is known to be good.
 from ignite_fixmatch.config import Config, ConfigError, load_config
-from ignite_fixmatch.datasets import DataError
-from ignite_fixmatch.trainer import NonFiniteLossError
+from ignite_fixmatch.errors import (  # noqa: F401  (the exit codes are part of this command's interface)
+    EXIT_CODES,
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
+    EXIT_PROCESS_DIED,
+    EXIT_SAVE_FAILED,
+    EXIT_USER_ERROR,
+    exit_code_of,
+)
 from ignite_fixmatch.plugins import plan_handlers
-from ignite_fixmatch.preemption import Preempted
-from ignite_fixmatch.resume import CheckpointError, CheckpointWriteError
-from ignite_fixmatch.training import OutputDirError, training
-
-# Exit codes, so that job scripts can tell what happened (see README, "Failure modes and recovery").
-EXIT_USER_ERROR = 2  # bad config, data, checkpoint or output folder: nothing was trained
-EXIT_DIVERGED = 3  # non-finite loss: the last good checkpoint is intact
-EXIT_SAVE_FAILED = 4  # a checkpoint could not be written: the previous one is intact
-EXIT_PROCESS_DIED = 5  # a process of a multi-process job died (killed, out of memory): the others were stopped
-EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: a checkpoint was written; run again with resume=auto (EX_TEMPFAIL)
-
-EXIT_CODES: dict[type[Exception], int] = {
-    ConfigError: EXIT_USER_ERROR,
-    DataError: EXIT_USER_ERROR,
-    CheckpointError: EXIT_USER_ERROR,
-    OutputDirError: EXIT_USER_ERROR,
-    NonFiniteLossError: EXIT_DIVERGED,
-    CheckpointWriteError: EXIT_SAVE_FAILED,
-    Preempted: EXIT_PREEMPTED,
-}
 
 
 def launched_by_torchrun() -> bool:
@@ -51,6 +37,8 @@ def parallel_kwargs(cfg: Config) -> dict:
     d = cfg.dist
     backend = d.backend
     if backend is None and launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         check_nccl(d.nproc_per_node if not launched_by_torchrun() else None)
@@ -72,6 +60,8 @@ def parallel_kwargs(cfg: Config) -> dict:
 
 def check_nccl(nproc_per_node: int | None) -> None:
     """nccl runs one process per GPU: refuse it here, in one line, rather than in every spawned process."""
+    import torch
+
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus == 0:
         raise ConfigError("config key 'dist.backend': got 'nccl', which needs CUDA GPUs and none is visible. Use dist.backend=gloo on CPU.")
@@ -80,10 +70,6 @@ def check_nccl(nproc_per_node: int | None) -> None:
             f"config key 'dist.nproc_per_node': got {nproc_per_node}, but only {gpus} GPU(s) are visible on this node "
             "(nccl runs one process per GPU). Lower dist.nproc_per_node, or check CUDA_VISIBLE_DEVICES."
         )
-
-
-def exit_code_of(error: BaseException) -> int | None:
-    return next((code for kind, code in EXIT_CODES.items() if isinstance(error, kind)), None)
 
 
 def error_line(error: BaseException) -> str:
@@ -97,6 +83,10 @@ def error_line(error: BaseException) -> str:
 def spawned_training(local_rank: int, cfg: Config) -> None:
     """What each process spawned by Ignite runs. A known error (bad data, preemption, ...) is printed as
     one line and ends this process with its exit code; the launcher then stops the other processes."""
+    import ignite.distributed as idist
+
+    from ignite_fixmatch.training import training
+
     try:
         training(local_rank, cfg)
     except tuple(EXIT_CODES) as e:
@@ -119,12 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         plan_handlers(cfg.handlers)  # every handler built and ordered: a typo or a missing dependency fails here, in one line
-        kwargs = parallel_kwargs(cfg)
-        with idist.Parallel(**kwargs) as parallel:
-            parallel.run(spawned_training if "nproc_per_node" in kwargs else training, cfg)
+        return run_job(cfg)
     except tuple(EXIT_CODES) as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return exit_code_of(e)
+
+
+def run_job(cfg: Config) -> int:
+    """Hand the checked config to ``idist.Parallel``: here (CPU, one GPU, torchrun) or spawned processes."""
+    import ignite.distributed as idist
+    from torch.multiprocessing import ProcessExitedException
+
+    from ignite_fixmatch.training import training
+
+    try:
+        kwargs = parallel_kwargs(cfg)
+        with idist.Parallel(**kwargs) as parallel:
+            parallel.run(spawned_training if "nproc_per_node" in kwargs else training, cfg)
     except ProcessExitedException as e:  # a spawned process ended; the launcher stopped the others
         if e.exit_code in EXIT_CODES.values():  # a known error, already printed by that process
             return e.exit_code

@@ -21,23 +21,24 @@ they were attached, so the plan is also the firing order: state changes first, t
 Names are ``kind`` or ``kind:which``; a handler that provides one ``kind:...`` can be given params
 that provide the others (the error for a missing one uses this to say which handler to add).
 
-This module itself imports neither torch nor Ignite: checking a handler list costs what the handler
-modules import.
+Neither this module nor the built-in handler modules import torch or Ignite (handlers import them in
+``attach`` and the methods it registers): a config's handler list is built and checked before torch
+loads, so a bad one is refused in about a second.
 """
 
 from __future__ import annotations
 
 import heapq
-import importlib
 import inspect
 import logging
-import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from ignite_fixmatch.config import Config, ConfigError, HandlerSpec
+from ignite_fixmatch.plugin_import import import_by_name
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -111,25 +112,8 @@ class Planned(NamedTuple):
 
 
 def resolve(name: str) -> Any:
-    """A built-in name or ``module.path:Attribute`` -> the class or factory it names."""
-    target = BUILTINS.get(name, name)
-    if ":" not in target:
-        raise ConfigError(
-            f"unknown handler {name!r}. Built-in handlers: {', '.join(BUILTINS)}; "
-            "a handler of your own is named 'package.module:ClassName' (importable from the working directory)."
-        )
-    module_name, _, attr = target.partition(":")
-    cwd = str(Path.cwd())
-    if cwd not in sys.path:  # user handlers are found relative to where the run was started
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"handler {name!r}: cannot import module {module_name!r} ({e}). Is it on PYTHONPATH or in the working directory?") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ConfigError(f"handler {name!r}: module {module_name!r} has no attribute {attr!r}.") from None
+    """A built-in name or ``module.path:Attribute`` -> the class or factory it names (a ConfigError if none)."""
+    return import_by_name(name, BUILTINS, what="handler")
 
 
 def build_handler(spec: HandlerSpec, index: int) -> Handler:

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import logging
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from ignite_fixmatch.errors import Preempted
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class Preempted(RuntimeError):
-    """The run was stopped by a signal after saving a checkpoint."""
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:

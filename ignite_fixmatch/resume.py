@@ -11,25 +11,17 @@ import pickle
 import random
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from ignite.handlers import Checkpoint
 
+from ignite_fixmatch.checkpoint_names import CHECKPOINT_DIR, checkpoint_iteration, list_checkpoints, newest_checkpoint  # noqa: F401
 from ignite_fixmatch.config import Config, to_dict
-
-CHECKPOINT_DIR = "checkpoints"
-_ITERATION = re.compile(r"checkpoint_(\d+)")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with what is wrong and what to do."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, unwritable folder); the previous one is intact."""
+from ignite_fixmatch.errors import CheckpointError, CheckpointWriteError  # noqa: F401
 
 
 class RNGState:
@@ -94,26 +86,6 @@ class ClassesRecord:
             else:
                 detail += "; same names in another order"
             raise CheckpointError(f"the checkpoint was trained on other classes than this data ({detail}). Use the data it was trained on.")
-
-
-def checkpoint_iteration(path: Path) -> int:
-    m = _ITERATION.search(path.name)
-    return int(m.group(1)) if m else -1
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Resumable checkpoints of a run, oldest first (regular ones after best ones of the same iteration)."""
-    folder = Path(output_dir) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.glob("*.pt") if checkpoint_iteration(p) >= 0]
-    return sorted(found, key=lambda p: (checkpoint_iteration(p), not p.name.startswith("best")))
-
-
-def newest_checkpoint(output_dir: Path) -> Path | None:
-    """The checkpoint ``resume: auto`` continues from, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
 
 
 def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ignite.distributed as idist
 import torch
@@ -21,14 +22,11 @@ from torch import Tensor, nn
 
 from ignite_fixmatch.algorithms import Algorithm
 from ignite_fixmatch.algorithms.losses import masked_accuracy
+from ignite_fixmatch.errors import NonFiniteLossError  # noqa: F401  (importable from here, as before)
 
 logger = logging.getLogger(__name__)
 
 COMMON_METRICS = ("mask_rate", "pseudo_acc")  # reported for every algorithm, after its own metrics
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged (NaN or inf loss); the message names the iteration and the last good checkpoint."""
 
 
 def step_metric_names(algorithm: Algorithm) -> tuple[str, ...]:

@@ -11,20 +11,21 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.utils import manual_seed, setup_logger
 
+from ignite_fixmatch.algorithms import build_algorithm
 from ignite_fixmatch.augment.cuda_graph import CudaGraphed
 from ignite_fixmatch.config import Config, ConfigError, check_divisible, dump_yaml
 from ignite_fixmatch.data import FixMatchData, FixMatchStream, build_data, build_eval_loader, save_split, sources_from_config
 from ignite_fixmatch.device_data import DeviceEvalBatches, DeviceResidentStream
-from ignite_fixmatch.algorithms import build_algorithm
-from ignite_fixmatch.trainer import amp_enabled, create_trainer, needs_grad_scaler, parameter_groups, resolve_amp_dtype
+from ignite_fixmatch.errors import OutputDirError
 from ignite_fixmatch.models import build_model
 from ignite_fixmatch.plugins import Context, attach_all, build_handlers
 from ignite_fixmatch.preemption import PreemptionGuard
@@ -35,15 +36,12 @@ from ignite_fixmatch.resume import (
     ConfigRecord,
     RNGState,
     find_resume_checkpoint,
-    newest_checkpoint,
     load_into,
+    newest_checkpoint,
 )
+from ignite_fixmatch.trainer import amp_enabled, create_trainer, needs_grad_scaler, parameter_groups, resolve_amp_dtype
 
 LOGGER_NAME = "ignite_fixmatch"
-
-
-class OutputDirError(RuntimeError):
-    """The output folder cannot be used as asked (exists, not writable)."""
 
 
 def prepare_output_dir(cfg: Config) -> Path:

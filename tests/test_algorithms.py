@@ -10,8 +10,9 @@ from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
 from helpers import assert_same_tensors
-from ignite_fixmatch.algorithms import BUILTINS, StepOutput, build_algorithm, resolve_algorithm
-from ignite_fixmatch.algorithms.fixmatch import FixMatch, FixMatchParams
+from ignite_fixmatch.algorithms import BUILTINS, build_algorithm, params_class, resolve_algorithm
+from ignite_fixmatch.algorithms.fixmatch import FixMatch
+from ignite_fixmatch.algorithms.params import FixMatchParams
 from ignite_fixmatch.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 from ignite_fixmatch.resume import load_into
 from ignite_fixmatch.trainer import create_trainer, step_metric_names
@@ -44,6 +45,7 @@ def test_fixmatch_loss_mask_and_metrics_hand_computed():
 def test_every_builtin_algorithm_resolves():
     for name in BUILTINS:
         cls = resolve_algorithm(name)
+        assert params_class(name) is cls.Params  # the config checks a built-in without importing torch
         assert cls(cls.Params(), num_classes=3, num_unlabeled=5) is not None
 
 
@@ -185,8 +187,9 @@ def test_a_users_algorithm_under_two_processes_resumes_exactly_with_equal_state(
     import os
     import signal
 
-    from helpers import HOLD_AFTER, cli, held_marker, load_state, popen, tiny_overrides, wait_for_file, with_handler
     from test_distributed import CONFIG, LAUNCH_TIMEOUT, assert_same_final_state, spawn_args, wait_group_gone
+
+    from helpers import HOLD_AFTER, cli, held_marker, load_state, popen, tiny_overrides, wait_for_file, with_handler
 
     def args(out):
         run = [CONFIG, *tiny_overrides(folder, out), f"algorithm.name={TOY}", "algorithm.default=0.4", "data.mu=4"]

@@ -385,8 +385,8 @@ def test_batched_stream_gives_the_pil_streams_batches(dataset, tmp_path):
         expected, raw = next(pil), next(batched)
         assert raw["x"].dtype == raw["u"].dtype == torch.uint8 and raw["u_strong"].dtype == torch.float64
         got = data.batched(raw)
-        assert set(got) == set(expected) == {"x", "y", "u_w", "u_s", "u_y"}
-        for key in ("x", "y", "u_w", "u_y"):
+        assert set(got) == set(expected) == {"x", "y", "u_w", "u_s", "u_y", "u_idx"}
+        for key in ("x", "y", "u_w", "u_y", "u_idx"):
             assert torch.equal(got[key], expected[key]), key
         assert (got["u_s"] != expected["u_s"]).float().mean().item() <= AFFINE_TOLERANCE
         assert got["u_s"].is_contiguous(memory_format=torch.channels_last)  # model.channels_last is the default

@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import ROOT, make_folder, subprocess_env, tiny_overrides
 from handlers.clearml import ClearML, augmentation_samples
+from helpers import ROOT, make_folder, subprocess_env, tiny_overrides
 from ignite_fixmatch.config import ConfigError, HandlerSpec, load_config
 from ignite_fixmatch.data import build_data
 from ignite_fixmatch.datasets import build_sources
@@ -40,7 +40,10 @@ OTHER_SECRET = "OTHER-SECRET-3e9d"  # an unrelated variable of the environment, 
 SAMPLES = 3
 EVERY = 2
 LR = 0.02
-BASE_HANDLERS = "{name: ema}, {name: cosine_lr}, {name: terminate_on_nan}, {name: evaluation, params: {every: 10}}, {name: checkpoint, params: {every: 5, keep: 2}}"
+BASE_HANDLERS = (
+    "{name: ema}, {name: cosine_lr}, {name: terminate_on_nan}, {name: evaluation, params: {every: 10}}, "
+    "{name: checkpoint, params: {every: 5, keep: 2}}"
+)
 
 
 def handlers(clearml_params: str | None) -> str:
@@ -177,7 +180,7 @@ def test_scalars_are_the_step_and_evaluation_metrics(runs):
     assert found[("lr", "train")][0][1] <= LR
     history = json.loads((run.out / "results.json").read_text())["history"]
     assert [i for i, _ in found[("top1", "test_ema")]] == [r["iteration"] for r in history] == [10, 20]
-    for (iteration, value), record in zip(found[("top1", "test_ema")], history):
+    for (_iteration, value), record in zip(found[("top1", "test_ema")], history):
         assert 100.0 * value == pytest.approx(record["ema"]["top1"])
     assert [i for i, _ in found[("top5", "test_ema")]] == [10, 20] and [i for i, _ in found[("loss", "test_ema")]] == [10, 20]
 

@@ -7,12 +7,16 @@ from hypothesis import strategies as st
 
 from ignite_fixmatch.config import Config, ConfigError, load_config, to_dict
 
-KEYS = list(to_dict(Config()).keys()) + ["data", "model", "optim", "fixmatch", "handlers", "bogus"]
+KEYS = list(to_dict(Config()).keys()) + ["data", "model", "optim", "fixmatch", "algorithm", "handlers", "bogus"]
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12), st.sampled_from(["auto", "cifar10", "folder", "1e-3", "true", "reference", "-1", "nan"]),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS + ["name", "params", "lr", "every"]), inner, max_size=4)), max_leaves=12)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS + ["name", "params", "lr", "every", "base"]), inner, max_size=4)),
+    max_leaves=12,
+)
 sections = {
     "data": st.dictionaries(st.sampled_from(list(to_dict(Config())["data"]) + ["oops"]), values, max_size=4),
     "optim": st.dictionaries(st.sampled_from(list(to_dict(Config())["optim"])), values, max_size=3),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -14,7 +16,7 @@ from ignite.engine import Engine, Events
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from helpers import ROOT, cli, tiny_overrides
+from helpers import ROOT, cli, subprocess_env, tiny_overrides
 from ignite_fixmatch.config import ConfigError, HandlerSpec, load_config
 from ignite_fixmatch.plugins import BUILTINS, DEFAULT, Context, Handler, attach_all, build_handler, build_handlers, plan_handlers
 
@@ -123,6 +125,29 @@ def test_builtins_build_with_defaults_and_declare_their_contract():
     assert build_handler(HandlerSpec("evaluation", {"models": ["raw"]}), 0).needs == ()
     assert build_handler(HandlerSpec("checkpoint", {"best_model": "raw"}), 0).needs == ("evaluator:raw",)
     assert build_handler(HandlerSpec("checkpoint", {"keep_best": 0}), 0).needs == ()
+
+
+PLAN_WITHOUT_TORCH = """
+import sys
+from ignite_fixmatch.config import ConfigError, HandlerSpec
+from ignite_fixmatch.plugins import BUILTINS, plan_handlers
+plan_handlers([HandlerSpec(name) for name in BUILTINS] + [HandlerSpec("examples.mask_rate_alarm:MaskRateAlarm")])
+try:  # the error for a missing dependency builds every built-in to say which one provides it
+    plan_handlers([HandlerSpec("evaluation", {"models": ["ema"]})])
+except ConfigError as e:
+    assert "add the 'ema' handler" in str(e), e
+else:
+    raise AssertionError("a missing ema handler was not refused")
+heavy = sorted({m.partition(".")[0] for m in sys.modules} & {"torch", "ignite", "torchvision", "tensorboard", "clearml"})
+assert not heavy, f"planning the handlers imported {heavy}"
+"""
+
+
+def test_handlers_are_built_and_planned_without_importing_torch():
+    """A bad handler list is refused before torch loads (about 2.5 s): the handler modules and the plugin
+    contract import torch, Ignite and the loggers only when attached."""
+    result = subprocess.run([sys.executable, "-c", PLAN_WITHOUT_TORCH], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------- refused lists

@@ -21,13 +21,13 @@ def augment_batch(device: str, n: int = 24, seed: int = 0) -> tuple[BatchedAugme
     batch = {
         "x": images[:8], "x_weak": aug.weak.sample_torch(8, (32, 32), g), "y": torch.arange(8, device=device),
         "u": images, "u_weak": aug.weak.sample_torch(n, (32, 32), g), "u_strong": aug.strong.sample_torch(n, (32, 32), g),
-        "u_y": torch.arange(n, device=device),
+        "u_y": torch.arange(n, device=device), "u_idx": torch.arange(n, device=device),
     }
     return aug, batch
 
 
 def assert_same_views(a: dict, b: dict) -> None:
-    for key in ("x", "u_w", "u_s", "y", "u_y"):
+    for key in ("x", "u_w", "u_s", "y", "u_y", "u_idx"):
         assert torch.equal(a[key], b[key]), key
 
 

@@ -6,9 +6,9 @@ import torch
 
 from ignite_fixmatch.config import ConfigError, load_config
 from ignite_fixmatch.data import (
+    FixMatchStream,
     InfiniteShardedBatchSampler,
     ShardedEvalSampler,
-    FixMatchStream,
     build_data,
     split_labeled,
 )
@@ -83,6 +83,9 @@ def test_stream_batches_have_the_fixmatch_shapes_and_resume_exactly():
     assert b["y"].dtype == torch.long and set(b["y"].tolist()) <= set(range(10))
     assert not torch.equal(b["u_w"], b["u_s"])  # strong view differs from weak
     assert (b["u_y"] >= 0).all()  # digits' unlabeled images keep their true labels (pseudo-label accuracy)
+    sampler = InfiniteShardedBatchSampler(len(data.unlabeled), 20, seed=0, stream=1)
+    assert b["u_idx"].tolist() == [i for i, _ in sampler.batch(0)]  # each image's index into the unlabeled set
+    assert b["u_y"].tolist() == [int(data.unlabeled.targets[i]) for i in b["u_idx"]]
     _, resumed = _digits_stream(2)
     again = next(resumed)
     for k in again:
@@ -121,10 +124,10 @@ def test_augment_auto_puts_data_on_a_gpu_that_fits_it_and_batches_elsewhere():
 def test_eval_batches_normalised_on_the_device_equal_the_per_image_transform(kind, tmp_path):
     """The test loader's uint8 batches (one gather for in-memory sets, a load per file for folders),
     normalised by the evaluator, are bit-identical to PIL -> to_tensor -> normalize per image."""
+    from helpers import datagen
     from ignite_fixmatch.augment import to_normalized_tensor
     from ignite_fixmatch.augment.ops import normalize
     from ignite_fixmatch.data import build_eval_loader
-    from helpers import datagen
 
     if kind == "digits":
         sources = build_sources("digits", "unused", image_size=8)

@@ -14,7 +14,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datagen  # noqa: E402
-
 from ignite_fixmatch.datasets import (  # noqa: E402
     DATASET_NAMES,
     DataError,

@@ -18,7 +18,7 @@ from ignite_fixmatch.datasets import build_sources
 from ignite_fixmatch.device_data import DeviceEvalBatches, DeviceResidentStream
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-KEYS = ("x", "x_weak", "y", "u", "u_weak", "u_strong", "u_y")
+KEYS = ("x", "x_weak", "y", "u", "u_weak", "u_strong", "u_y", "u_idx")
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -55,6 +55,7 @@ def test_batches_follow_the_loaders_order_with_the_right_labels(device):
         u_idx = [i for i, _ in unlabeled.batch(b)]  # unlabeled pool = the training images here
         assert torch.equal(batch["u"].cpu(), torch.from_numpy(train.uint8_batch(u_idx)).permute(0, 3, 1, 2))
         assert batch["u_y"].cpu().tolist() == [int(train.targets[i]) for i in u_idx]
+        assert batch["u_idx"].cpu().tolist() == u_idx  # the same indices into the unlabeled set as the loader path
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -92,6 +93,7 @@ def test_extra_unlabeled_images_and_excluded_labeled_ones_are_gathered_from_thei
     sampler = InfiniteShardedBatchSampler(len(data.unlabeled), 24, seed=cfg.seed, stream=UNLABELED)
     expected = [data.unlabeled.load(i) for i, _ in sampler.batch(0)]
     assert torch.equal(batch["u"], torch.stack([torch.from_numpy(np.array(img)).unsqueeze(0) for img in expected]))
+    assert batch["u_idx"].tolist() == [i for i, _ in sampler.batch(0)]  # indices into the pool, not into the training set
 
 
 @pytest.mark.parametrize("device", DEVICES)

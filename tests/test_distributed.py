@@ -30,12 +30,12 @@ from torch import nn
 import datagen
 import helpers
 from helpers import ROOT, assert_same_tensors, cli, load_state, make_folder, popen, tiny_overrides, wait_for_file
+from ignite_fixmatch.algorithms import build_algorithm
 from ignite_fixmatch.config import Config, ConfigError, load_config
 from ignite_fixmatch.data import FixMatchStream, build_data, build_eval_loader, sources_from_config
 from ignite_fixmatch.evaluation import create_evaluator
-from ignite_fixmatch.algorithms import build_algorithm
-from ignite_fixmatch.trainer import create_trainer
 from ignite_fixmatch.main import parallel_kwargs
+from ignite_fixmatch.trainer import create_trainer
 from ignite_fixmatch.training import build_optimizer, check_sync_bn, model_from_config
 
 CONFIG = "configs/quickstart.yaml"

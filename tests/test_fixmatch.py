@@ -9,8 +9,8 @@ from torch import nn
 
 from ignite_fixmatch.algorithms.fixmatch import FixMatch
 from ignite_fixmatch.algorithms.losses import consistency_loss, masked_accuracy, pseudo_labels, supervised_loss
-from ignite_fixmatch.trainer import create_trainer, de_interleave, forward_logits, interleave, parameter_groups
 from ignite_fixmatch.models import build_model
+from ignite_fixmatch.trainer import create_trainer, de_interleave, forward_logits, interleave, parameter_groups
 
 
 def test_supervised_loss_hand_computed():

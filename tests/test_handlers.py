@@ -10,10 +10,10 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from handlers.cosine_lr import cosine_factor
 from helpers import cli, load_state, make_folder, tiny_overrides
 from ignite_fixmatch.config import ConfigError, HandlerSpec, load_config
 from ignite_fixmatch.plugins import Context, attach_all, build_handler, build_handlers
-from handlers.cosine_lr import cosine_factor
 
 
 def make_ctx(tmp_path, model, num_iters, step=None):
@@ -258,7 +258,7 @@ def test_a_user_handler_loaded_by_dotted_path_fires_and_is_checkpointed(tmp_path
 def test_fused_ema_update_equals_ignites_loop(tmp_path, buffers):
     from ignite.handlers import EMAHandler
 
-    from handlers.ema import ForeachEMAHandler
+    from ignite_fixmatch.foreach_ema import ForeachEMAHandler
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 3))

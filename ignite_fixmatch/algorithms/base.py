@@ -17,11 +17,12 @@ one small class in one file:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from ignite_fixmatch.algorithms.params import NoParams
 
 
 class StepOutput(NamedTuple):
@@ -40,14 +41,6 @@ class StepOutput(NamedTuple):
     mask: Tensor
     pseudo_labels: Tensor
     stats: dict[str, Tensor] = {}
-
-
-@dataclass
-class NoParams:
-    """An algorithm without config keys."""
-
-    def check(self) -> None:
-        """Raise ConfigError (naming ``algorithm.<key>``) for a value its type cannot refuse."""
 
 
 class Algorithm(nn.Module):

@@ -3,27 +3,12 @@ prediction selects the pseudo-labels the strong view is trained toward. Stateles
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from ignite_fixmatch.algorithms.base import Algorithm, StepOutput
 from ignite_fixmatch.algorithms.losses import consistency_loss, pseudo_labels, supervised_loss
-from ignite_fixmatch.config import require
-
-
-@dataclass
-class FixMatchParams:
-    threshold: float = 0.95  # confidence at or above which a pseudo-label is used (tau)
-    lambda_u: float = 1.0  # weight of the unlabeled loss; 0 trains on labels only
-    hard_label: bool = True  # hard pseudo-labels; false uses softmax(logits_weak / T)
-    T: float = 0.5  # temperature of soft pseudo-labels
-
-    def check(self) -> None:
-        require(0.0 <= self.threshold <= 1.0, "algorithm.threshold", self.threshold, "a number in [0, 1]")
-        require(self.lambda_u >= 0.0, "algorithm.lambda_u", self.lambda_u, "a number >= 0")
-        require(self.T > 0.0, "algorithm.T", self.T, "a number > 0")
+from ignite_fixmatch.algorithms.params import FixMatchParams
 
 
 class FixMatch(Algorithm):

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from ignite_fixmatch.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 SKIP_HINT = ("set the data.skip_corrupt option (skip_corrupt=True) to skip unreadable images "
@@ -34,11 +36,6 @@ SKIP_HINT = ("set the data.skip_corrupt option (skip_corrupt=True) to skip unrea
              "or delete or replace the file")
 
 
-class DataError(ValueError):
-    """A problem with the data on disk or the data configuration.
-
-    The message names the file or folder, the problem and how to fix it.
-    """
 
 
 
