@@ -473,12 +473,20 @@ def _merge_handlers(inherited: list, patch: dict) -> list:
     return result
 
 
+def _other_algorithm(current: Any, new: Any) -> bool:
+    """Whether ``new`` names another algorithm than ``current`` (both ``algorithm:`` sections)."""
+    current_name = current.get("name", "fixmatch") if isinstance(current, dict) else "fixmatch"
+    return isinstance(new, dict) and "name" in new and new["name"] != current_name
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     """``top`` over ``base``: mappings merge key by key, anything else (lists included) is replaced;
     ``handlers:`` written as a mapping changes the inherited list by name."""
     merged = dict(base)
     for key, value in top.items():
-        if key == "handlers" and isinstance(value, dict):
+        if key == "algorithm" and _other_algorithm(merged.get(key), value):
+            merged[key] = value  # another algorithm: the base's keys were the old one's
+        elif key == "handlers" and isinstance(value, dict):
             merged[key] = _merge_handlers(merged.get(key) or [dataclasses.asdict(h) for h in default_handlers()], value)
         elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value)
@@ -546,10 +554,15 @@ def _upgrade_legacy(data: dict, where: str) -> dict:
 
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
     """``a.b=value`` overrides over a config mapping; ``fixmatch.<key>`` is read as ``algorithm.<key>``
-    (``train.interleave`` for interleave), ``handlers.<name>.<param>`` by handler name."""
+    (``train.interleave`` for interleave), ``handlers.<name>.<param>`` by handler name. An
+    ``algorithm.name`` that changes the algorithm drops the file's ``algorithm:`` keys (they were the
+    old algorithm's): the new one starts from its defaults and the other ``algorithm.*`` overrides."""
     data = dict(data)
-    for text in overrides:
-        parts, value = parse_override(text)
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    names = [value for _, parts, value in parsed if parts == ["algorithm", "name"]]
+    if names and _other_algorithm(data.get("algorithm"), {"name": names[-1]}):
+        data["algorithm"] = {"name": names[-1]}  # another algorithm: the file's keys were the old one's
+    for text, parts, value in parsed:
         if parts[0] == LEGACY_FIXMATCH and len(parts) > 1:
             parts = ["train", "interleave"] if parts[1:] == ["interleave"] else ["algorithm", *parts[1:]]
         if parts[0] == "handlers" and len(parts) > 1:

@@ -15,6 +15,9 @@ import torch
 import yaml
 from ignite.engine import Engine, Events
 
+from ignite_fixmatch.checkpoint_names import checkpoint_iteration, is_best, list_checkpoints
+from ignite_fixmatch.plugins import PERSIST
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datagen  # noqa: E402
@@ -114,7 +117,7 @@ def kill_after_checkpoint(args: list[str], output_dir: Path, iteration: int = 10
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    written = [int(p.stem.split("_")[-1]) for p in (output_dir / "checkpoints").glob("checkpoint_*.pt")]
+    written = [checkpoint_iteration(p) for p in list_checkpoints(output_dir) if not is_best(p)]
     assert iteration in written and max(written) == iteration, written  # killed at that iteration, after its checkpoint
 
 
@@ -160,6 +163,8 @@ class HoldAfterIteration:
     def __init__(self, iteration: int, marker: str, release: str | None = None) -> None:
         self.iteration, self.marker, self.release = iteration, marker, release
 
+    priority = PERSIST + 10  # attached, and so fired, after the checkpoint handler (the last built-in)
+
     def attach(self, ctx) -> None:
         marker = self.marker if ctx.rank == 0 else None
 
@@ -167,11 +172,7 @@ class HoldAfterIteration:
             if engine.state.iteration == self.iteration:
                 _hold(marker, self.release)
 
-        def register(engine: Engine) -> None:  # registered when the run starts: after the checkpoint's handler
-            if not engine.has_event_handler(hold, Events.ITERATION_COMPLETED):
-                engine.add_event_handler(Events.ITERATION_COMPLETED, hold)
-
-        ctx.trainer.add_event_handler(Events.STARTED, register)
+        ctx.trainer.add_event_handler(Events.ITERATION_COMPLETED, hold)
 
 
 class HoldInsideSave:

@@ -2,6 +2,7 @@
 with state that a real Engine updates, a checkpoint restores and torch.compile leaves alone."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from ignite_fixmatch.config import ConfigError, dump_yaml, from_dict, load_confi
 from ignite_fixmatch.resume import load_into
 from ignite_fixmatch.trainer import create_trainer, step_metric_names
 
-TOY = "toy_algorithm:ClassTableMatch"  # tests/ is on sys.path (helpers.py puts it there)
+TOY = "tests.toy_algorithm:ClassTableMatch"  # by dotted path from the working directory, as a user names theirs
 
 
 def fixmatch(threshold=0.95, lambda_u=1.0, hard_label=True, T=0.5) -> FixMatch:
@@ -75,6 +76,18 @@ def test_a_users_algorithm_loads_by_dotted_path_with_its_own_params():
     with pytest.raises(ConfigError, match=r"unknown config key 'algorithm\.threshold' for algorithm .*thresholds, default"):
         load_config(None, [f"algorithm.name={TOY}", "algorithm.threshold=0.5"])
     assert from_dict(to_dict(cfg)) == cfg  # what a checkpoint stores rebuilds the same config
+
+
+def test_naming_another_algorithm_starts_from_its_own_keys(tmp_path):
+    """The quick start's file holds FixMatch's keys; switching algorithm on the command line (or in a
+    config based on it) does not carry them to an algorithm that has other keys."""
+    cfg = load_config("configs/quickstart.yaml", [f"algorithm.name={TOY}", "algorithm.default=0.3"])
+    assert cfg.algorithm.name == TOY and cfg.algorithm.params.default == 0.3
+    child = tmp_path / "toy.yaml"
+    child.write_text(f"base: {Path('configs/quickstart.yaml').resolve()}\nalgorithm: {{name: '{TOY}'}}\n")
+    assert load_config(child).algorithm.params.thresholds == []
+    same = load_config("configs/quickstart.yaml", ["algorithm.name=fixmatch", "algorithm.lambda_u=0"])
+    assert (same.algorithm.params.lambda_u, same.algorithm.params.threshold) == (0.0, 0.95)  # same algorithm: keys kept
 
 
 def test_the_old_fixmatch_section_reads_as_the_algorithm(tmp_path):
@@ -193,7 +206,8 @@ def test_a_users_algorithm_under_two_processes_resumes_exactly_with_equal_state(
 
     def args(out):
         run = [CONFIG, *tiny_overrides(folder, out), f"algorithm.name={TOY}", "algorithm.default=0.4", "data.mu=4"]
-        return with_handler(run, "toy_algorithm:DumpAlgorithmState", prefix=str(out))
+        run = [a for a in run if not a.startswith("algorithm.threshold=")]  # FixMatch's key; the toy has thresholds
+        return with_handler(run, "tests.toy_algorithm:DumpAlgorithmState", prefix=str(out))
 
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     result = cli([*args(reference), *spawn_args()], timeout=LAUNCH_TIMEOUT)

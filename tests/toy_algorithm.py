@@ -1,4 +1,4 @@
-"""A small algorithm of a user's own, loaded by dotted path (``algorithm.name=toy_algorithm:ClassTableMatch``):
+"""A small algorithm of a user's own, loaded by dotted path (``algorithm.name=tests.toy_algorithm:ClassTableMatch``):
 FixMatch with a fixed per-class threshold table, plus state (per-class counts of confident pseudo-labels
 and each unlabeled image's last confident class) that exercises u_idx, gathering over processes and
 the checkpoint."""
