@@ -17,8 +17,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ignite_fixmatch.config_sources import apply_overrides, read_config_file, upgrade_legacy
 from ignite_fixmatch.datasets import registry as dataset_registry
-from ignite_fixmatch.errors import ConfigError
+from ignite_fixmatch.errors import ConfigError, fail_key
 
 DATASETS = dataset_registry.dataset_names()  # the valid data.name values, from the data-set registry
 # Number of classes of the data sets whose classes are known before any file is read.
@@ -173,7 +174,7 @@ class Config:
     amp_dtype: Literal["auto", "float16", "bfloat16"] = "auto"
     # null: new run; "auto": newest checkpoint in output_dir (a new run if none); or a checkpoint path.
     resume: str | None = None
-    overwrite: bool = False  # allow a new run in a non-empty output_dir (its old content is cleared)
+    overwrite: bool = False  # replace an earlier run of ours in output_dir (cleared); folders we did not write are refused
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmSpec = field(default_factory=default_algorithm)
@@ -202,13 +203,6 @@ def _describe(tp: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
-def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
-    shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    raise ConfigError(f"config key '{key}': got {shown}, expected {allowed}.")
-
-
 def _convert(tp: Any, value: Any, key: str) -> Any:
     """Turn a YAML value into the schema's type, refusing anything that does not fit exactly."""
     origin = typing.get_origin(tp)
@@ -217,13 +211,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key) if value is not None else _fail(key, value, _describe(tp))
+        return _convert(inner[0], value, key) if value is not None else fail_key(key, value, _describe(tp))
     if origin is Literal:
         allowed = typing.get_args(tp)
         if isinstance(value, bool) and {"on", "off"} <= set(allowed):
             return "on" if value else "off"  # YAML reads a bare on/off as a boolean: model.compile=off
         if value not in allowed or isinstance(value, bool):
-            _fail(key, value, _describe(tp))
+            fail_key(key, value, _describe(tp))
         return value
     if tp is AlgorithmSpec:
         return algorithm_spec(value, key)
@@ -231,47 +225,52 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return _build(tp, value, key)
     if origin is list:
         if not isinstance(value, list):
-            _fail(key, value, "a list")
+            fail_key(key, value, "a list")
         (item_tp,) = typing.get_args(tp)
         return [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            _fail(key, value, "a mapping with string keys")
+            fail_key(key, value, "a mapping with string keys")
         return dict(value)
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            _fail(key, value, "true or false")
+            fail_key(key, value, "true or false")
         return value
     if tp is int:
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            _fail(key, value, "an integer")
+            fail_key(key, value, "an integer")
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
-                _fail(key, value, "a number")
+                fail_key(key, value, "a number")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            _fail(key, value, "a finite number")
+            fail_key(key, value, "a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str) or not value:
-            _fail(key, value, "a non-empty string")
+            fail_key(key, value, "a non-empty string")
         return value
     raise TypeError(f"unsupported schema type {tp!r} at {key}")  # a bug in the schema, not user input
 
+
+
+# The same conversion and wording for values outside the schema (handler params, checked against their annotations).
+config_value = _convert
+describe_type = _describe
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     where = prefix or "the top level"
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        _fail(where, data, "a mapping of keys to values")
+        fail_key(where, data, "a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
@@ -297,11 +296,11 @@ def algorithm_spec(value: Any, key: str) -> AlgorithmSpec:
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        _fail(key, value, "a mapping: name (e.g. fixmatch) and the algorithm's own keys")
+        fail_key(key, value, "a mapping: name (e.g. fixmatch) and the algorithm's own keys")
     data = dict(value)
     name = data.pop("name", "fixmatch")
     if not isinstance(name, str) or not name.strip():
-        _fail(f"{key}.name", name, "an algorithm name (e.g. fixmatch) or 'package.module:Class'")
+        fail_key(f"{key}.name", name, "an algorithm name (e.g. fixmatch) or 'package.module:Class'")
     params_cls = params_class(name)
     known = [f.name for f in dataclasses.fields(params_cls)]
     unknown = [k for k in data if k not in known]
@@ -317,7 +316,7 @@ def algorithm_spec(value: Any, key: str) -> AlgorithmSpec:
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        _fail(key, value, allowed)
+        fail_key(key, value, allowed)
 
 
 def validate(cfg: Config) -> Config:
@@ -389,194 +388,6 @@ def check_divisible(cfg: Config, world_size: int) -> None:
         )
 
 
-# --------------------------------------------------------------------------- YAML and overrides
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (["a", "b"], value), the value read as YAML ("false" is False, "1e-3" a number)."""
-    if "=" not in text:
-        raise ConfigError(f"command-line override {text!r} is not of the form key=value (e.g. optim.lr=0.01).")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"command-line override {text!r}: the key {key!r} is not a dotted name like optim.lr.")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"command-line override {text!r}: the value is not valid YAML ({' '.join(str(e).split())}).") from None
-    return parts, value
-
-
-def _set_path(data: dict, parts: list[str], value: Any, text: str) -> None:
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        if not isinstance(node, dict):
-            raise ConfigError(f"command-line override {text!r}: '{'.'.join(parts[:i])}' is not a section.")
-        nxt = node.setdefault(part, {})
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"command-line override {text!r}: '{'.'.join(parts[: i + 1])}' is not a section.")
-        node = nxt
-    node[parts[-1]] = value
-
-
-# ----------------------------------------------------------- handlers by name, legacy keys, base files
-
-LEGACY_FIXMATCH = "fixmatch"  # before the algorithm seam: fixmatch.{threshold,lambda_u,hard_label,T,interleave}
-
-
-def _handler_override(handlers: list, parts: list[str], value: Any, text: str) -> None:
-    """``handlers.<name>.<param>=v`` (or ``handlers.<name>.params.<param>=v``) sets a param of the
-    handler called <name>; a name not in the list adds that handler. Positions are refused: they
-    point at another handler as soon as the list changes."""
-    name = parts[1]
-    if name.isdigit():
-        index = int(name)
-        shown = handlers[index]["name"] if index < len(handlers) and isinstance(handlers[index], dict) else "<name>"
-        rest = ".".join(p for p in parts[2:] if p != "params") or "<param>"
-        raise ConfigError(
-            f"command-line override {text!r}: handlers are overridden by name, not by position (a position points at another "
-            f"handler as soon as the list changes). Write handlers.{shown}.{rest}={text.split('=', 1)[1]}."
-        )
-    params = parts[3:] if len(parts) > 2 and parts[2] == "params" else parts[2:]
-    if not params:
-        raise ConfigError(f"command-line override {text!r}: name a param, e.g. handlers.{name}.every=1000.")
-    matches = [h for h in handlers if isinstance(h, dict) and h.get("name") == name]
-    if len(matches) > 1:
-        raise ConfigError(f"command-line override {text!r}: {len(matches)} handlers are named {name!r}; edit the YAML file instead.")
-    if not matches:
-        matches = [{"name": name, "params": {}}]
-        handlers.append(matches[0])
-    spec = matches[0]
-    if spec.get("params") is None:
-        spec["params"] = {}
-    _set_path(spec["params"], params, value, text)
-
-
-def _merge_handlers(inherited: list, patch: dict) -> list:
-    """A ``handlers:`` mapping in a config with a base: {name: {params} | null} changes the inherited
-    list by name (params merged, null removes, a new name is appended), keeping its order."""
-    result = [dict(h, params=dict(h.get("params") or {})) if isinstance(h, dict) else h for h in inherited]
-    for name, change in patch.items():
-        matches = [h for h in result if isinstance(h, dict) and h.get("name") == name]
-        if change is None:
-            result = [h for h in result if not (isinstance(h, dict) and h.get("name") == name)]
-            continue
-        if not isinstance(change, dict) or set(change) - {"params"}:
-            _fail(f"handlers.{name}", change, "null (remove it) or a mapping {params: {...}}")
-        if not matches:
-            result.append({"name": name, "params": {}})
-            matches = result[-1:]
-        for spec in matches:
-            spec["params"] = _deep_merge(spec["params"], change.get("params") or {})
-    return result
-
-
-def _other_algorithm(current: Any, new: Any) -> bool:
-    """Whether ``new`` names another algorithm than ``current`` (both ``algorithm:`` sections)."""
-    current_name = current.get("name", "fixmatch") if isinstance(current, dict) else "fixmatch"
-    return isinstance(new, dict) and "name" in new and new["name"] != current_name
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    """``top`` over ``base``: mappings merge key by key, anything else (lists included) is replaced;
-    ``handlers:`` written as a mapping changes the inherited list by name."""
-    merged = dict(base)
-    for key, value in top.items():
-        if key == "algorithm" and _other_algorithm(merged.get(key), value):
-            merged[key] = value  # another algorithm: the base's keys were the old one's
-        elif key == "handlers" and isinstance(value, dict):
-            merged[key] = _merge_handlers(merged.get(key) or [dataclasses.asdict(h) for h in default_handlers()], value)
-        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _read_mapping(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist (give the path of a YAML file, e.g. configs/quickstart.yaml).")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        detail = " ".join(str(e).split())  # one paragraph
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {detail}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values (like 'seed: 0'), not {type(data).__name__}.")
-    return data
-
-
-def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    """A YAML config with its ``base:`` files applied: ``base: other.yaml`` (or a list, applied in
-    order), relative to the file that names it; the file's own keys go over its bases'."""
-    path = Path(path)
-    if path.resolve() in chain:
-        cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
-        raise ConfigError(f"config file {str(path)!r}: its base: files form a cycle ({cycle}).")
-    data = _upgrade_legacy(_read_mapping(path), str(path))
-    bases = data.pop("base", None)
-    if bases is None:
-        return data
-    if isinstance(bases, str):
-        bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
-        _fail(f"base (in {path})", bases, "a YAML file name or a list of them, relative to this file")
-    merged: dict = {}
-    for base in bases:
-        merged = _deep_merge(merged, read_config_file(path.parent / base, (*chain, path.resolve())))
-    return _deep_merge(merged, data)
-
-
-def _upgrade_legacy(data: dict, where: str) -> dict:
-    """The ``fixmatch:`` section of configs (and checkpoints) written before the algorithm seam is read as
-    ``algorithm:`` (name fixmatch) and ``train.interleave``."""
-    if LEGACY_FIXMATCH not in data:
-        return data
-    data = dict(data)
-    legacy = data.pop(LEGACY_FIXMATCH)
-    if legacy is None:
-        legacy = {}
-    if not isinstance(legacy, dict):
-        _fail(LEGACY_FIXMATCH, legacy, "a mapping (now written as algorithm:)")
-    if "algorithm" in data:
-        raise ConfigError(f"{where}: both 'fixmatch:' and 'algorithm:' are given; 'fixmatch:' is the old name of 'algorithm:', keep one.")
-    legacy = dict(legacy)
-    if "interleave" in legacy:
-        train = data.get("train") or {}
-        data["train"] = {**train, "interleave": legacy.pop("interleave")} if isinstance(train, dict) else train
-    data["algorithm"] = {"name": "fixmatch", **legacy}
-    return data
-
-
-def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
-    """``a.b=value`` overrides over a config mapping; ``fixmatch.<key>`` is read as ``algorithm.<key>``
-    (``train.interleave`` for interleave), ``handlers.<name>.<param>`` by handler name. An
-    ``algorithm.name`` that changes the algorithm drops the file's ``algorithm:`` keys (they were the
-    old algorithm's): the new one starts from its defaults and the other ``algorithm.*`` overrides."""
-    data = dict(data)
-    parsed = [(text, *parse_override(text)) for text in overrides]
-    names = [value for _, parts, value in parsed if parts == ["algorithm", "name"]]
-    if names and _other_algorithm(data.get("algorithm"), {"name": names[-1]}):
-        data["algorithm"] = {"name": names[-1]}  # another algorithm: the file's keys were the old one's
-    for text, parts, value in parsed:
-        if parts[0] == LEGACY_FIXMATCH and len(parts) > 1:
-            parts = ["train", "interleave"] if parts[1:] == ["interleave"] else ["algorithm", *parts[1:]]
-        if parts[0] == "handlers" and len(parts) > 1:
-            if not isinstance(data.get("handlers"), list):
-                data["handlers"] = [dataclasses.asdict(h) for h in default_handlers()] if data.get("handlers") is None else data["handlers"]
-            if not isinstance(data["handlers"], list):
-                _fail("handlers", data["handlers"], "a list")
-            data["handlers"] = [dict(h) if isinstance(h, dict) else h for h in data["handlers"]]
-            _handler_override(data["handlers"], parts, value, text)
-            continue
-        _set_path(data, parts, value, text)
-    return data
-
-
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML file (with its bases) or nothing, apply overrides, build and validate the typed config."""
     data = read_config_file(Path(path)) if path is not None else {}
@@ -596,4 +407,4 @@ def dump_yaml(cfg: Config) -> str:
 def from_dict(data: dict) -> Config:
     """Rebuild a config saved with :func:`to_dict` (e.g. from a checkpoint, also one written before the
     algorithm seam)."""
-    return validate(_build(Config, _upgrade_legacy(dict(data), "the saved config"), ""))
+    return validate(_build(Config, upgrade_legacy(dict(data), "the saved config"), ""))

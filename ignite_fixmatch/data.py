@@ -12,7 +12,10 @@ Randomness that survives resume and any number of workers or processes:
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # noqa: F401  (imported before atexit.register below, so our hook runs before its exit hook)
 import random
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +37,13 @@ LABELED, UNLABELED, EVAL = 0, 1, 2  # stream ids: part of every seed so the stre
 PAD_FRACTION = 0.125  # 4 px of 32 (CIFAR), 12 px of 96 (STL-10)
 
 
-def split_labeled(targets: np.ndarray, num_labels: int, num_classes: int, seed: int) -> np.ndarray:
+def split_labeled(
+    targets: np.ndarray, num_labels: int, num_classes: int, seed: int, classes: list[str] | None = None
+) -> np.ndarray:
     """Indices of ``num_labels`` images, ``num_labels / num_classes`` per class, drawn without
     replacement by a generator of their own (so no other random draw can change the split).
-    ``num_labels == -1`` labels everything."""
+    ``num_labels == -1`` labels everything. ``classes`` (the names) let an error name a class as the user
+    knows it (its folder), not by its index."""
     targets = np.asarray(targets)
     if num_labels == -1:
         return np.arange(len(targets), dtype=np.int64)
@@ -53,7 +59,8 @@ def split_labeled(targets: np.ndarray, num_labels: int, num_classes: int, seed: 
         pool = np.flatnonzero(targets == c)
         if len(pool) < per_class:
             raise ConfigError(
-                f"config key 'data.num_labels': got {num_labels}, which needs {per_class} images of class {c} "
+                f"config key 'data.num_labels': got {num_labels}, which needs {per_class} images of class "
+                f"{classes[c] if classes is not None and c < len(classes) else c!r} "
                 f"but the training set has {len(pool)}; lower data.num_labels or use -1 for all."
             )
         chosen.append(rng.choice(pool, per_class, replace=False))
@@ -247,7 +254,7 @@ def fits_on_device(sources: DataSources, unlabeled: ConcatSource, device: torch.
 
 def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
     split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
-    labeled = split_labeled(sources.train.targets, cfg.data.num_labels, sources.num_classes, split_seed)
+    labeled = split_labeled(sources.train.targets, cfg.data.num_labels, sources.num_classes, split_seed, sources.classes)
     if cfg.data.batch_size > len(labeled) and not cfg.data.allow_labeled_repeats:
         raise ConfigError(
             f"config key 'data.batch_size': got {cfg.data.batch_size}, expected at most the {len(labeled)} labeled images "
@@ -287,6 +294,49 @@ def save_split(path: Path, indices: np.ndarray) -> None:
     path.write_text("\n".join(str(int(i)) for i in indices) + "\n")
 
 
+# Worker-process iterators alive in this process. Workers ignore SIGTERM (preemption), so the
+# exit hook of multiprocessing, which terminates daemon children with SIGTERM and then joins them,
+# would wait forever for any that were not shut down: an error ends the run with iterators still
+# referenced (by the failed engine, a traceback, a reference cycle). They are shut down explicitly.
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose worker-process iterators :func:`shutdown_loader_workers` can find and stop."""
+
+    def _get_iterator(self):
+        it = super()._get_iterator()
+        if self.num_workers > 0:
+            _LIVE_ITERATORS.add(it)
+        return it
+
+
+def shutdown_iterator(it: Any) -> None:
+    """Stop one iterator's workers (and pin-memory thread): ask them, then kill those still alive
+    (they ignore SIGTERM, which is all that DataLoader's own shutdown sends)."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    try:
+        shutdown()
+    finally:
+        for w in getattr(it, "_workers", ()):
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+        _LIVE_ITERATORS.discard(it)
+
+
+def shutdown_loader_workers() -> None:
+    """Stop the workers of every live loader iterator: at the end of a run (and, for an error,
+    before Python's exit hooks, which would otherwise wait on them forever)."""
+    for it in list(_LIVE_ITERATORS):
+        shutdown_iterator(it)
+
+
+atexit.register(shutdown_loader_workers)  # runs before multiprocessing's hook (registered earlier)
+
+
 def _collate_labeled(items):
     xs, ys, _ = zip(*items)
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
@@ -314,7 +364,7 @@ class FixMatchStream:
             n, global_batch, seed=self.cfg.seed, stream=stream, rank=self.rank, world_size=self.world_size, start_batch=start
         )
         workers = self.cfg.data.num_workers
-        return DataLoader(
+        return WorkerLoader(
             dataset,
             batch_sampler=sampler,
             num_workers=workers,
@@ -337,12 +387,16 @@ class FixMatchStream:
         b = cfg.data.batch_size
         lx = iter(self._loader(labeled_ds, len(labeled_ds), b, LABELED, collate_l, start))
         ux = iter(self._loader(unlabeled_ds, len(unlabeled_ds), b * cfg.data.mu, UNLABELED, collate_u, start))
-        while d.batched is not None:
-            yield d.batched.batch(next(lx), next(ux))
-        while True:
-            x, y = next(lx)
-            u_w, u_s, u_y, u_idx = next(ux)
-            yield TrainBatch(x=x, y=y, u_w=u_w, u_s=u_s, u_y=u_y, u_idx=u_idx)
+        try:  # a worker's error (a bad image) ends this generator: stop both loaders' workers now
+            while d.batched is not None:
+                yield d.batched.batch(next(lx), next(ux))
+            while True:
+                x, y = next(lx)
+                u_w, u_s, u_y, u_idx = next(ux)
+                yield TrainBatch(x=x, y=y, u_w=u_w, u_s=u_s, u_y=u_y, u_idx=u_idx)
+        finally:
+            shutdown_iterator(lx)
+            shutdown_iterator(ux)
 
 
 def build_eval_loader(
@@ -351,7 +405,7 @@ def build_eval_loader(
     """The test split as (uint8 images, labels) batches, this rank's shard, ``batch_size`` over all ranks;
     used by training and by ``ignite_fixmatch.eval``, so a saved model is scored exactly as in training."""
     ds = EvalDataset(sources.test)
-    return DataLoader(
+    return WorkerLoader(
         ds,
         batch_size=batch_size // world_size,
         sampler=ShardedEvalSampler(len(ds), rank, world_size),

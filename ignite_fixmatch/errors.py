@@ -7,10 +7,19 @@ Each message names the problem and the fix; the modules that raise them import t
 from __future__ import annotations
 
 from types import MappingProxyType
+from typing import Any, NoReturn
 
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that says which key, what value and what is allowed."""
+
+
+def fail_key(key: str, value: Any, allowed: str) -> NoReturn:
+    """Raise the ConfigError of one key: its value (shortened) and what is allowed."""
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    raise ConfigError(f"config key '{key}': got {shown}, expected {allowed}.")
 
 
 class DataError(ValueError):
@@ -55,6 +64,14 @@ EXIT_CODES = MappingProxyType(
         Preempted: EXIT_PREEMPTED,
     }
 )
+
+
+def error_line(error: BaseException) -> str:
+    """One line: an error raised in a DataLoader worker carries the worker's traceback; keep its last line."""
+    message = str(error)
+    if "Original Traceback" in message:
+        message = message.strip().splitlines()[-1]
+    return " ".join(message.split())
 
 
 def exit_code_of(error: BaseException) -> int | None:

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 from ignite_fixmatch.config import DATASETS, Config, ConfigError, from_dict
 from ignite_fixmatch.data import build_eval_loader, sources_from_config
 from ignite_fixmatch.datasets import DataError, DataSources, dataset_spec
+from ignite_fixmatch.errors import error_line
 from ignite_fixmatch.evaluation import create_evaluator
 from ignite_fixmatch.resume import CheckpointError, newest_checkpoint, read_checkpoint, shape_mismatches
 from ignite_fixmatch.training import model_from_config
@@ -68,7 +70,7 @@ def config_of(ckpt: Mapping[str, Any], path: Path) -> Config:
         )
     try:
         return from_dict(dict(stored))
-    except ConfigError as e:
+    except (ConfigError, TypeError, ValueError, KeyError) as e:  # a damaged file may hold anything
         raise CheckpointError(f"checkpoint {str(path)!r} holds a config this version cannot use: {e}") from None
 
 
@@ -136,7 +138,10 @@ def build_loaded_model(cfg: Config, sources: DataSources, state: Any, path: Path
             f"checkpoint {str(path)!r} does not fit the model its config describes for {describe_data(cfg)} "
             f"({sources.channels} channels, {sources.num_classes} classes): {problems}."
         )
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - a damaged state dict (values of other types) fails in any way
+        raise CheckpointError(f"checkpoint {str(path)!r}: its {which} model cannot be loaded, the file is damaged ({type(e).__name__}).") from None
     return model
 
 
@@ -165,6 +170,17 @@ def per_class_rows(confusion: torch.Tensor, classes: Sequence[str]) -> list[dict
     return rows
 
 
+def open_checkpoint(
+    checkpoint: str | Path, data: str | None, data_root: str | None, model: str | None
+) -> tuple[Path, dict[str, Any], Config, str]:
+    """The checkpoint file, its content, its config (with the data overrides) and which model to score:
+    everything taken from the file, before any data is read; any unusable file is a CheckpointError."""
+    path = resolve_checkpoint(Path(checkpoint))
+    ckpt = read_checkpoint(path)
+    cfg = with_data_overrides(config_of(ckpt, path), data, data_root)
+    return path, ckpt, cfg, choose_model(ckpt, model, path)
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     *,
@@ -176,10 +192,7 @@ def evaluate_checkpoint(
     num_workers: int | None = None,
 ) -> dict[str, Any]:
     """Score one checkpoint on its data set's test split. Accuracies in percent, as in results.json."""
-    path = resolve_checkpoint(Path(checkpoint))
-    ckpt = read_checkpoint(path)
-    cfg = with_data_overrides(config_of(ckpt, path), data, data_root)
-    which = choose_model(ckpt, model, path)
+    path, ckpt, cfg, which = open_checkpoint(checkpoint, data, data_root, model)
     dev = resolve_device(device)
     sources = load_test_data(cfg, root_given=data_root is not None)
     net = build_loaded_model(cfg, sources, ckpt[MODEL_KEYS[which]], path, which).to(dev)
@@ -270,19 +283,44 @@ def _non_negative(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.json is not None and not args.json.parent.is_dir():
-            raise EvalError(f"--json: folder {str(args.json.parent)!r} does not exist; create it or write elsewhere.")
+        if args.json is not None:
+            check_writable(args.json)
         report = evaluate_checkpoint(
             args.checkpoint, data=args.data, data_root=args.data_root, model=args.model,
             batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
         )
     except USER_ERRORS as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        print("error: " + error_line(e), file=sys.stderr)
         return EXIT_USER_ERROR
     print(format_report(report))
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
+        try:
+            args.json.write_text(json.dumps(report, indent=2))
+        except OSError as e:  # became unwritable during the evaluation
+            print(f"error: --json: cannot write {str(args.json)!r}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_USER_ERROR
     return 0
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an unwritable --json target before the evaluation, not after minutes of it.
+
+    Tried for real (not ``os.access``, which says yes to root on a read-only mount): an existing file is
+    opened for appending (its content and time stay), a new one is created in its folder and removed.
+    """
+    if not path.parent.is_dir():
+        raise EvalError(f"--json: folder {str(path.parent)!r} does not exist; create it or write elsewhere.")
+    if path.is_dir():
+        raise EvalError(f"--json: {str(path)!r} is a directory; give a file name, e.g. {str(path / 'scores.json')!r}.")
+    try:
+        if path.exists():
+            with path.open("a"):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".eval_json_check_"):
+                pass
+    except OSError as e:
+        raise EvalError(f"--json: {str(path)!r} cannot be written ({e.strerror or e}); write elsewhere.") from None
 
 
 if __name__ == "__main__":

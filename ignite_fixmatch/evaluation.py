@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ def create_evaluator(
         return logits.float(), y
 
     evaluator = Engine(step)
+    evaluator.logger.setLevel(logging.CRITICAL)  # an error ends the run and is printed once by the command line
     Accuracy(device=device).attach(evaluator, "top1")
     TopKCategoricalAccuracy(k=min(5, num_classes), device=device).attach(evaluator, "top5")
     Loss(nn.CrossEntropyLoss(), device=device).attach(evaluator, "loss")

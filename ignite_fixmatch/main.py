@@ -23,6 +23,7 @@ from ignite_fixmatch.errors import (  # noqa: F401  (the exit codes are part of 
     EXIT_PROCESS_DIED,
     EXIT_SAVE_FAILED,
     EXIT_USER_ERROR,
+    error_line,
     exit_code_of,
 )
 from ignite_fixmatch.plugins import plan_handlers
@@ -72,26 +73,28 @@ def check_nccl(nproc_per_node: int | None) -> None:
         )
 
 
-def error_line(error: BaseException) -> str:
-    """One paragraph: an error raised in a DataLoader worker carries the worker's traceback; keep its last line."""
-    message = str(error)
-    if "Original Traceback" in message:
-        message = message.strip().splitlines()[-1]
-    return message
-
-
 def spawned_training(local_rank: int, cfg: Config) -> None:
     """What each process spawned by Ignite runs. A known error (bad data, preemption, ...) is printed as
     one line and ends this process with its exit code; the launcher then stops the other processes."""
     import ignite.distributed as idist
 
+    try:
+        training_with_clean_exit(local_rank, cfg)
+    except tuple(EXIT_CODES) as e:
+        print(f"error (process {idist.get_rank()} of {idist.get_world_size()}): {error_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(exit_code_of(e))
+
+
+def training_with_clean_exit(local_rank: int, cfg: Config) -> None:
+    """``training``, then its loader workers stopped however it ended: workers ignore SIGTERM, so any
+    left running would make the exit of this process (spawned ones run no atexit hooks) wait forever."""
+    from ignite_fixmatch.data import shutdown_loader_workers
     from ignite_fixmatch.training import training
 
     try:
         training(local_rank, cfg)
-    except tuple(EXIT_CODES) as e:
-        print(f"error (process {idist.get_rank()} of {idist.get_world_size()}): {error_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(exit_code_of(e))
+    finally:
+        shutdown_loader_workers()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,12 +123,10 @@ def run_job(cfg: Config) -> int:
     import ignite.distributed as idist
     from torch.multiprocessing import ProcessExitedException
 
-    from ignite_fixmatch.training import training
-
     try:
         kwargs = parallel_kwargs(cfg)
         with idist.Parallel(**kwargs) as parallel:
-            parallel.run(spawned_training if "nproc_per_node" in kwargs else training, cfg)
+            parallel.run(spawned_training if "nproc_per_node" in kwargs else training_with_clean_exit, cfg)
     except ProcessExitedException as e:  # a spawned process ended; the launcher stopped the others
         if e.exit_code in EXIT_CODES.values():  # a known error, already printed by that process
             return e.exit_code

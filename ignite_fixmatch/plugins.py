@@ -31,13 +31,15 @@ from __future__ import annotations
 import heapq
 import inspect
 import logging
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
-from ignite_fixmatch.config import Config, ConfigError, HandlerSpec
+from ignite_fixmatch.config import Config, ConfigError, HandlerSpec, config_value, describe_type
 from ignite_fixmatch.plugin_import import import_by_name
 
 if TYPE_CHECKING:
@@ -125,14 +127,51 @@ def build_handler(spec: HandlerSpec, index: int) -> Handler:
     except TypeError as e:
         accepted = ", ".join(p for p in inspect.signature(factory).parameters if p != "self")
         raise ConfigError(f"{where}: {e}. Accepted params: {accepted or 'none'}.") from None
+    hints = param_types(factory)
+    params = {name: check_param(where, name, value, hints.get(name, Any)) for name, value in spec.params.items()}
     try:
-        handler = factory(**spec.params)
+        handler = factory(**params)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: {e}") from None
     if not isinstance(handler, Handler):
         raise ConfigError(f"{where}: {spec.name!r} built a {type(handler).__name__}, which has no attach(ctx) method.")
     _check_declarations(handler, where)
     return handler
+
+
+def param_types(factory: Callable[..., Any]) -> dict[str, Any]:
+    """The annotated types of a handler's params (its ``__init__``'s, for a class): the one place every param's
+    type is declared. Empty when they cannot be resolved (a user's handler annotating with names only
+    imported for type checkers): its own checks then decide."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        return {k: v for k, v in typing.get_type_hints(target).items() if k != "return"}
+    except Exception:  # noqa: BLE001 - any failure to evaluate an annotation just skips the generic check
+        return {}
+
+
+def check_param(where: str, name: str, value: Any, kind: Any) -> Any:
+    """``value`` as a param of annotated type ``kind`` (YAML's values: bool is not an int, an int is a float,
+    a tuple is read as a list, Literal lists the allowed values), converted as config keys are
+    (``1e-3`` is a number); a ConfigError naming the handler and the param otherwise. A type the schema
+    does not know (a class) is left to the handler's own checks."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    # YAML has lists only: tuple[str, ...] reads like list[str]
+    options = tuple(dict.fromkeys(list[typing.get_args(o)[0]] if typing.get_origin(o) is tuple else o for o in options))
+    for option in options:
+        if option is type(None):
+            if value is None:
+                return None
+            continue
+        try:
+            return config_value(option, value, name)
+        except ConfigError:
+            continue
+        except TypeError:  # a type the schema does not know
+            return value
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    expected = " or ".join("null" if o is type(None) else describe_type(o) for o in options)
+    raise ConfigError(f"{where}: param {name!r}: got {shown}, expected {expected}.")
 
 
 def _check_declarations(handler: Handler, where: str) -> None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
-import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,9 @@ from ignite.handlers import Checkpoint
 from ignite_fixmatch.checkpoint_names import CHECKPOINT_DIR, checkpoint_iteration, list_checkpoints, newest_checkpoint  # noqa: F401
 from ignite_fixmatch.config import Config, to_dict
 from ignite_fixmatch.errors import CheckpointError, CheckpointWriteError  # noqa: F401
+
+PROJECT_KEYS = ("model", "config", "trainer")  # saved by every training run (training.py, to_save)
+NOT_OURS = "not a checkpoint of this project"
 
 
 class RNGState:
@@ -88,45 +90,122 @@ class ClassesRecord:
             raise CheckpointError(f"the checkpoint was trained on other classes than this data ({detail}). Use the data it was trained on.")
 
 
-def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
-    """``resume: auto`` -> the newest checkpoint in the run's folder (None if there is none yet);
-    a path -> that file, which must exist."""
+def find_resume_checkpoint(resume: str | None, output_dir: Path, warn: Callable[[str], None] | None = None) -> Path | None:
+    """``resume: auto`` -> the newest intact checkpoint in the run's folder (None if there is none yet);
+    a path -> that file, which must exist (a damaged one is refused later, when it is loaded)."""
     if resume is None:
         return None
     if resume == "auto":
-        return newest_checkpoint(output_dir)
+        return newest_intact_checkpoint(output_dir, warn or (lambda message: None))
     path = Path(resume)
+    if path.is_dir():
+        raise CheckpointError(f"resume: {str(path)!r} is a directory, not a checkpoint file. {_directory_advice(path)}")
     if not path.is_file():
         raise CheckpointError(f"resume: checkpoint {str(path)!r} does not exist. Give an existing .pt file, or resume=auto.")
     return path
 
 
-def _refusal_detail(error: Exception) -> str:
-    """The part of torch's long refusal that names the offending object, without terminal colour codes."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
-    for line in text.splitlines():
-        if "Unsupported global" in line:
-            return line.strip().split(" was not an allowed global")[0]
-    lines = text.strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+def _directory_advice(folder: Path) -> str:
+    """What to give instead of a folder: its newest checkpoint when it is a run (or checkpoints) folder."""
+    run_dir = folder.parent if folder.name == CHECKPOINT_DIR else folder
+    newest = newest_checkpoint(run_dir)
+    example = f"resume={newest}" if newest is not None else f"resume={folder / CHECKPOINT_DIR / 'checkpoint_<iteration>.pt'}"
+    return f"Give one .pt file in it (e.g. {example}), or resume=auto with output_dir={run_dir} to continue that run."
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint file safely (no code execution), with errors that say what is wrong."""
+def newest_intact_checkpoint(output_dir: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint of a run that reads back whole, for ``resume: auto``.
+
+    A newer file cut short (full disk, an interrupted copy) must not stop the run when an intact older
+    one sits beside it: it is skipped, and ``warn`` says which and why. Damaged files and no intact one
+    is an error (starting anew would silently throw the run away); no file at all is a new run (None).
+    """
+    skipped = []
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            read_checkpoint(path)
+        except CheckpointError as e:
+            skipped.append(str(e))
+            warn(f"resume=auto: skipping {path.name}, it cannot be used: {e}")
+            continue
+        return path
+    if skipped:
+        raise CheckpointError(
+            f"resume=auto: no checkpoint in {str(Path(output_dir) / CHECKPOINT_DIR)!r} can be used ({' | '.join(skipped)}). "
+            "Give an intact one as resume=PATH, or start a new run (overwrite=true or another output_dir)."
+        )
+    return None
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _refused_global(error: Exception) -> str | None:
+    """The object torch refused to rebuild (e.g. ``posix.system``): torch 2.x writes "unsupported GLOBAL
+    posix.system" (older: "Unsupported global: GLOBAL posix.system"). None when no global is named
+    (then the bytes were garbage, not code)."""
+    match = re.search(r"GLOBAL\s+([\w.]+)", _clean(str(error)))
+    return match.group(1) if match else None
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    """One line of an error for a one-line message; torch's own advice to load with
+    ``weights_only=False`` (unsafe: it runs the file's code) is never passed on."""
+    advice = ("weights_only", "Weights only", "file an issue", "documentation of torch.load")
+    lines = [line.strip() for line in _clean(text).splitlines() if line.strip() and not any(a in line for a in advice)]
+    return lines[0][:limit] if lines else ""
+
+
+def _not_ours(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {str(path)!r} is {NOT_OURS}: {why}.")
+
+
+def _load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; every failure becomes a CheckpointError (exit 2) that says why.
+
+    The bytes are untrusted: torch's readers raise anything on damaged input (KeyError, IndexError,
+    UnicodeDecodeError, ValueError, RuntimeError...), so every exception is caught, not a list of them.
+    """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be opened: {e.strerror or e}.") from None
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} was refused: it holds objects that only a full (unsafe) unpickling could "
-            f"rebuild, which could run arbitrary code. Only load files you trust. Details: {_refusal_detail(e)}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be read (truncated or not a checkpoint?): {str(e) or type(e).__name__}"
-        ) from None
+        refused = _refused_global(e)
+        if refused is not None:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was refused: it would call {refused} when unpickled, which could run "
+                "arbitrary code; it was not loaded. Only load files you trust."
+            ) from None
+        raise _unreadable(path, _first_line(str(e)) or type(e).__name__) from None
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        raise _unreadable(path, f"{type(e).__name__}: {_first_line(str(e))}") from None
+
+
+def _unreadable(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {str(path)!r} cannot be read: it is truncated, damaged or {NOT_OURS} ({detail}).")
+
+
+def _check_structure(obj: Any, path: Path, required: Sequence[str]) -> dict[str, Any]:
+    """What torch could unpickle is only a checkpoint of this project if it holds the state dicts a run
+    saves: a dict with ``required`` keys whose values are dicts. Named when missing or of another type."""
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a checkpoint of this project (it holds a {type(obj).__name__}).")
+        raise _not_ours(path, f"it holds a {type(obj).__name__}, not a dict of state dicts")
+    missing = [key for key in required if key not in obj]
+    if missing:
+        keys = ", ".join(map(str, list(obj)[:12])) or "none"
+        raise _not_ours(path, f"it holds no {', '.join(missing)} (its keys: {keys})")
+    wrong = [f"its {key} is a {type(obj[key]).__name__}" for key in required if not isinstance(obj[key], Mapping)]
+    if wrong:
+        raise _not_ours(path, "; ".join(wrong) + ", not a state dict")
     return obj
+
+
+def read_checkpoint(path: Path, required: Sequence[str] = PROJECT_KEYS) -> dict[str, Any]:
+    """Load a checkpoint file safely (no code execution), with errors that say what is wrong; it must
+    hold the ``required`` entries (default: what every training run saves)."""
+    return _check_structure(_load(path), path, required)
 
 
 def shape_mismatches(model: torch.nn.Module, state: Mapping[str, Any], shown: int = 5) -> str:
@@ -134,7 +213,7 @@ def shape_mismatches(model: torch.nn.Module, state: Mapping[str, Any], shown: in
     items and a count of the rest; empty when the state fits."""
     own = model.state_dict()
     problems = []
-    for k in sorted(set(own) | set(state)):
+    for k in sorted(set(own) | set(state), key=str):  # str: a damaged file may hold keys of other types
         if k not in state:
             problems.append(f"{k}: missing in the checkpoint")
         elif k not in own:
@@ -151,13 +230,14 @@ def load_into(to_load: Mapping[str, Any], path: Path) -> dict[str, Any]:
     A model of another shape (other architecture, other number of classes) is refused with the list
     of differences; objects the checkpoint lacks are named.
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, required=[k for k in PROJECT_KEYS if k in to_load])
     missing = [k for k in to_load if k not in ckpt]
     if missing:
         raise CheckpointError(
             f"checkpoint {str(path)!r} lacks {', '.join(missing)}: it was written by another configuration "
             "(e.g. without the ema handler). Resume with the same handlers, or start a new run."
         )
+    _check_structure(ckpt, path, list(to_load))
     for key, obj in to_load.items():
         module = getattr(obj, "module", obj)
         if isinstance(module, torch.nn.Module):
@@ -167,5 +247,19 @@ def load_into(to_load: Mapping[str, Any], path: Path) -> dict[str, Any]:
                     f"checkpoint {str(path)!r} does not fit this model ({key}): {problems}. "
                     "It was trained with another model or data set (number of classes); use the config it was saved with."
                 )
-    Checkpoint.load_objects(to_load, {k: ckpt[k] for k in to_load})
+    _restore(to_load, ckpt, path)
     return ckpt
+
+
+def _restore(to_load: Mapping[str, Any], ckpt: Mapping[str, Any], path: Path) -> None:
+    """Ignite's ``load_objects``; a state dict damaged inside (a renamed entry, a value of another type)
+    fails in whichever ``load_state_dict`` meets it, with any exception: all become a CheckpointError."""
+    try:
+        Checkpoint.load_objects(to_load, {k: ckpt[k] for k in to_load})
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be restored: its content is damaged or {NOT_OURS} "
+            f"({type(e).__name__}: {_first_line(str(e))})."
+        ) from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,29 +38,18 @@ from ignite_fixmatch.resume import (
     load_into,
     newest_checkpoint,
 )
+from ignite_fixmatch.resume_policy import check_resume_config
+from ignite_fixmatch.resume_policy import describe as describe_changes
+from ignite_fixmatch.run_folder import take_run_folder
 from ignite_fixmatch.trainer import amp_enabled, create_trainer, needs_grad_scaler, parameter_groups, resolve_amp_dtype
 
 LOGGER_NAME = "ignite_fixmatch"
 
 
 def prepare_output_dir(cfg: Config) -> Path:
-    """Create the run's folder. A new run refuses a non-empty folder unless overwrite or resume is asked."""
-    out = Path(cfg.output_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"output_dir {str(out)!r} exists and is a file. Choose another output_dir.")
-    if out.is_dir() and any(out.iterdir()) and cfg.resume is None:
-        if not cfg.overwrite:
-            raise OutputDirError(
-                f"output_dir {str(out)!r} already holds a run. To continue it: resume=auto; to replace it: "
-                "overwrite=true (its content is deleted); or choose another output_dir."
-            )
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    try:
-        (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputDirError(f"output_dir {str(out)!r} cannot be created: {e}. Choose a writable output_dir.") from None
-    return out
+    """Check, lock and create the run's folder (rules in :mod:`ignite_fixmatch.run_folder`): only a folder of
+    our own is ever cleared, a failed start's leftovers are replaced, and one run at a time holds it."""
+    return take_run_folder(cfg.output_dir, cfg.resume, cfg.overwrite, [cfg.data.root, cfg.data.unlabeled_dir])
 
 
 def decide_on_rank_zero(decide: Callable[[], str], error: type[Exception]) -> str:
@@ -89,13 +77,14 @@ def shared_resume_checkpoint(cfg: Config, output_dir: Path) -> Path | None:
     """Rank 0 picks the checkpoint; every rank loads that same file, or every rank gets the same error.
 
     A rank that cannot see the file (nodes without a shared output_dir) stops with a clear error instead
-    of starting from scratch while the others resume, which would desynchronise the job.
+    of starting from scratch while the others resume, which would desynchronise the job. With
+    ``resume=auto`` rank 0 reads the candidates and skips damaged ones with a warning in the log.
     """
     if cfg.resume is None:
         return None
 
     def pick() -> str:
-        found = find_resume_checkpoint(cfg.resume, output_dir)
+        found = find_resume_checkpoint(cfg.resume, output_dir, warn=logging.getLogger(LOGGER_NAME).warning)
         return str(found.resolve()) if found is not None else ""
 
     result = decide_on_rank_zero(pick, CheckpointError)
@@ -223,6 +212,9 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
     logger = setup_logger(LOGGER_NAME, level=logging.INFO, distributed_rank=rank, reset=True)
     handlers = build_handlers(cfg.handlers)  # a bad handler param fails here, before data or model
     output_dir = shared_output_dir(cfg)
+    # Picked and checked against the config before anything is written: a refused resume leaves the folder as it was.
+    checkpoint = shared_resume_checkpoint(cfg, output_dir)
+    resume_changes = check_resume_config(cfg, checkpoint)
     if rank == 0:
         log_file = logging.FileHandler(output_dir / "train.log", encoding="utf-8")
         log_file.setFormatter(logger.handlers[0].formatter)
@@ -274,7 +266,8 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         channels_last=m.channels_last, scaler=scaler, batch_transform=batch_transform,
         compile_model=compile_model, compile_mode=m.compile_mode,
     )
-    trainer.logger = setup_logger("trainer", level=logging.WARNING, distributed_rank=rank)
+    # Ignite logs the exception that ends a run (twice) before re-raising it; the command line prints it once.
+    trainer.logger = setup_logger("trainer", level=logging.CRITICAL, distributed_rank=rank)
     attach_step_timer(trainer)
     attach_buffer_sync(trainer, model)
     stream, eval_loader = training_data(data, cfg, rank, world_size, device, start_iteration=lambda: trainer.state.iteration)
@@ -301,10 +294,11 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
     guard.install()
     guard.attach(trainer, ctx.save_checkpoint, lambda: str(newest_checkpoint(output_dir) or "none (no checkpoint handler)"))
 
-    checkpoint = shared_resume_checkpoint(cfg, output_dir)
     if checkpoint is not None:
         load_into(to_save, checkpoint)
         logger.info("Resumed from %s at iteration %d", checkpoint, trainer.state.iteration)
+        if resume_changes:  # allowed by resume_policy: they apply, and config.yaml and new checkpoints say so
+            logger.info("resume: changed since the checkpoint: %s", describe_changes(resume_changes))
     elif cfg.resume == "auto":
         logger.info("resume=auto: no checkpoint in %s yet, starting a new run", output_dir / CHECKPOINT_DIR)
 

@@ -175,6 +175,24 @@ class HoldAfterIteration:
         ctx.trainer.add_event_handler(Events.ITERATION_COMPLETED, hold)
 
 
+class PoisonWeights:
+    """Test handler: after iteration ``iteration``, the first weight tensor of the model becomes NaN, so the next
+    step's loss is NaN: a real divergence, at a known iteration, whatever the data."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def attach(self, ctx) -> None:
+        weight = next(ctx.model.parameters())
+
+        def poison(engine: Engine) -> None:
+            if engine.state.iteration == self.iteration:
+                with torch.no_grad():
+                    weight.fill_(float("nan"))
+
+        ctx.trainer.add_event_handler(Events.ITERATION_COMPLETED, poison)
+
+
 class HoldInsideSave:
     """Test handler: the first ``torch.save`` of iteration ``iteration`` (the checkpoint write) writes half
     of its bytes to its destination, creates ``marker`` and waits to be killed: a SIGKILL in the middle

@@ -133,6 +133,8 @@ def test_yaml_files_that_are_not_mappings(tmp_path, content, words):
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("no/such/file.yaml")
+    with pytest.raises(ConfigError, match="'configs' is a directory; give the path of a YAML file in it"):
+        load_config("configs")
 
 
 def test_resolved_config_round_trips():

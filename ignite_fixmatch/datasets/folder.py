@@ -3,7 +3,8 @@
 
 Layout: ``ROOT/train/<class>/...`` (the labeled pool) and ``ROOT/test/<class>/...`` with the
 same classes (sorted names); image files ``.png .jpg .jpeg .bmp .webp`` (any case), searched
-recursively inside each class folder; hidden files and folders (name starting with ".") are
+recursively inside each class folder (directory links are followed, but each real folder is scanned
+once, so link loops end); hidden files and folders (name starting with ".") are
 ignored.  File names are kept in a compact :class:`~ignite_fixmatch.datasets.source.PathList`
 (one byte buffer plus offsets), so millions of files cost a few tens of bytes each, and images
 are opened lazily.  The image size, unless given, is the smaller side of the first readable
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -31,34 +33,82 @@ def is_image_name(name: str, exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
     return dot > 0 and name[dot:].lower() in exts
 
 
-def scan_into(top: str, prefix: bytes, builder: PathListBuilder, exts: tuple[str, ...]) -> int:
-    """Append image files below ``top`` (recursive, sorted, depth first) as ``prefix + relpath``."""
-    count = 0
+@dataclass
+class ScanStats:
+    """What a scan found, for the log line that says where the images came from."""
+
+    images: int = 0
+    folders: int = 0
+    repeats: int = 0  # folders reached a second time (a directory link loop or two links to one folder): not rescanned
+
+    def add(self, other: ScanStats) -> None:
+        self.images += other.images
+        self.folders += other.folders
+        self.repeats += other.repeats
+
+    def describe(self) -> str:
+        text = f"{self.images} images in {self.folders} folders"
+        if self.repeats:
+            text += (f" ({self.repeats} directory links not followed: they lead to a folder already scanned, "
+                     "e.g. a link loop)")
+        return text
+
+
+def _folder_id(path: str) -> tuple[int, int]:
+    """A folder's identity whatever the path (links resolved): how a scan knows it was there already."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _list_folder(folder: str, exts: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Sorted image file names and sub-folder names (links to folders included) of one folder."""
+    files: list[str] = []
+    dirs: list[str] = []
+    with os.scandir(folder) as it:
+        for entry in it:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    dirs.append(name)
+                elif is_image_name(name, exts) and entry.is_file():
+                    files.append(name)
+            except OSError:  # broken symlink or vanished entry
+                continue
+    return sorted(files), sorted(dirs)
+
+
+def scan_into(top: str, prefix: bytes, builder: PathListBuilder, exts: tuple[str, ...]) -> ScanStats:
+    """Append image files below ``top`` (recursive, sorted, depth first) as ``prefix + relpath``.
+
+    Directory links are followed, but every real folder is scanned once (by device and inode):
+    a link loop would otherwise repeat images without end, and two loops never finish."""
+    stats = ScanStats()
+    seen = {_folder_id(top)}
     sep = os.fsencode(os.sep)
     stack = [(top, prefix)]
     while stack:
         folder, pre = stack.pop()
-        files: list[str] = []
-        dirs: list[str] = []
-        with os.scandir(folder) as it:
-            for entry in it:
-                name = entry.name
-                if name.startswith("."):
-                    continue
-                try:
-                    if entry.is_dir():
-                        dirs.append(name)
-                    elif is_image_name(name, exts) and entry.is_file():
-                        files.append(name)
-                except OSError:  # broken symlink or vanished entry
-                    continue
-        files.sort()
+        files, dirs = _list_folder(folder, exts)
+        stats.folders += 1
         for name in files:
             builder.add(pre + os.fsencode(name))
-        count += len(files)
-        dirs.sort(reverse=True)  # popped in sorted order
-        stack.extend((os.path.join(folder, d), pre + os.fsencode(d) + sep) for d in dirs)
-    return count
+        stats.images += len(files)
+        todo = []
+        for d in dirs:  # sorted: the first name claims a folder reached twice
+            path = os.path.join(folder, d)
+            try:
+                key = _folder_id(path)
+            except OSError:  # vanished, or a link that stopped resolving
+                continue
+            if key in seen:
+                stats.repeats += 1
+                continue
+            seen.add(key)
+            todo.append((path, pre + os.fsencode(d) + sep))
+        stack.extend(reversed(todo))  # popped in sorted order
+    return stats
 
 
 def scan_image_files(top: str, exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> PathList:
@@ -85,14 +135,18 @@ def _class_dirs(split_dir: str) -> tuple[list[str], int]:
 def _scan_split(split_dir: str, classes: list[str], mode: str, skip_corrupt: bool) -> ImageSource:
     builder = PathListBuilder()
     counts = []
+    total = ScanStats()
     sep = os.fsencode(os.sep)
     for c in classes:
-        n = scan_into(os.path.join(split_dir, c), os.fsencode(c) + sep, builder, IMAGE_EXTENSIONS)
+        stats = scan_into(os.path.join(split_dir, c), os.fsencode(c) + sep, builder, IMAGE_EXTENSIONS)
+        total.add(stats)
+        n = stats.images
         if n == 0:
             raise DataError(
                 f"class folder {os.path.join(split_dir, c)} holds no images (searched recursively for "
                 f"{', '.join(IMAGE_EXTENSIONS)}, any case); add images to it or remove the folder")
         counts.append(n)
+    logger.info("%s: %s", split_dir, total.describe())
     targets = np.repeat(np.arange(len(classes), dtype=np.int64), counts)
     return ImageSource(targets, classes, mode, root=split_dir, paths=builder.build(), skip_corrupt=skip_corrupt)
 
@@ -106,7 +160,10 @@ def unlabeled_folder(unlabeled_dir: str, root: str, classes: list[str], mode: st
         raise DataError(f"unlabeled image folder {path} does not exist (data.unlabeled_dir={unlabeled_dir!r}; "
                         f"a relative path is taken relative to the data root {root}); create it or fix "
                         "data.unlabeled_dir, or leave data.unlabeled_dir empty to use no extra unlabeled images")
-    paths = scan_image_files(path)
+    builder = PathListBuilder()
+    stats = scan_into(path, b"", builder, IMAGE_EXTENSIONS)
+    paths = builder.build()
+    logger.info("unlabeled_dir %s: %s", path, stats.describe())
     if len(paths) == 0:
         raise DataError(f"unlabeled image folder {path} holds no images (searched recursively for "
                         f"{', '.join(IMAGE_EXTENSIONS)}, any case); put images in it or unset data.unlabeled_dir")
