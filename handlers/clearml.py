@@ -183,8 +183,10 @@ class ClearML:
         self._close()
 
     def _on_exception(self, trainer: Engine, error: BaseException) -> None:
-        """Flush and close the task so a crashed run's reports are kept, then let the error go on."""
+        """Flush and close the task so a crashed run's reports are kept, then let the error go on. The
+        error goes into the task's console log too (the command line prints it once, after the task is closed)."""
         if not self._closed:
+            self.task.get_logger().report_text(f"error: {type(error).__name__}: {error}")
             self.task.mark_failed(status_reason=f"{type(error).__name__}: {error}")
             self._close()
         raise error

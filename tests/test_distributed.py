@@ -100,7 +100,8 @@ def assert_one_set_of_outputs(out: Path) -> None:
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == sorted(["checkpoint_15.pt", "checkpoint_20.pt", names[0]]) and names[0].startswith("best_checkpoint_"), names
     assert len(list((out / "tensorboard").iterdir())) == 1  # one event file: only rank 0 logs
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "labeled_indices.txt", "results.json", "tensorboard", "train.log"]
+    expected = [".ignite-fixmatch-run", "checkpoints", "config.yaml", "labeled_indices.txt", "results.json", "tensorboard", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == expected  # the marker (and lock) of a run folder, then rank 0's outputs
     log = (out / "train.log").read_text()
     assert log.count("Evaluation at iteration 10") == 1 and log.count("iteration 5/20") == 1
     assert "processes: 2" in log
