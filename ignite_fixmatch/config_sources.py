@@ -23,6 +23,16 @@ def default_handler_dicts() -> list[dict[str, Any]]:
     return [dataclasses.asdict(h) for h in default_handlers()]
 
 
+def handler_list(value: Any) -> list:
+    """The ``handlers:`` list a patch or an override changes: the defaults where none is given (None),
+    else the given list, copied item by item so the change does not reach the mapping it came from."""
+    if value is None:
+        return default_handler_dicts()
+    if not isinstance(value, list):
+        fail_key("handlers", value, "a list")
+    return [dict(h) if isinstance(h, dict) else h for h in value]
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], value), the value read as YAML ("false" is False, "1e-3" a number)."""
     if "=" not in text:
@@ -118,7 +128,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
         if key == "algorithm" and _other_algorithm(merged.get(key), value):
             merged[key] = value  # another algorithm: the base's keys were the old one's
         elif key == "handlers" and isinstance(value, dict):
-            merged[key] = _merge_handlers(merged.get(key) or default_handler_dicts(), value)
+            merged[key] = _merge_handlers(handler_list(merged.get(key)), value)
         elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value)
         else:
@@ -199,11 +209,7 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
         if parts[0] == LEGACY_FIXMATCH and len(parts) > 1:
             parts = ["train", "interleave"] if parts[1:] == ["interleave"] else ["algorithm", *parts[1:]]
         if parts[0] == "handlers" and len(parts) > 1:
-            if not isinstance(data.get("handlers"), list):
-                data["handlers"] = default_handler_dicts() if data.get("handlers") is None else data["handlers"]
-            if not isinstance(data["handlers"], list):
-                fail_key("handlers", data["handlers"], "a list")
-            data["handlers"] = [dict(h) if isinstance(h, dict) else h for h in data["handlers"]]
+            data["handlers"] = handler_list(data.get("handlers"))
             _handler_override(data["handlers"], parts, value, text)
             continue
         _set_path(data, parts, value, text)

@@ -65,6 +65,16 @@ def test_a_config_extends_its_base_and_changes_handlers_by_name(tmp_path):
     assert "base" not in to_dict(cfg) and "num_labels: 100" in dump_yaml(cfg)  # saved in full, without the base
 
 
+def test_a_handler_patch_changes_the_inherited_list_even_when_it_is_empty(tmp_path):
+    (tmp_path / "none.yaml").write_text("handlers: []\n")
+    (tmp_path / "child.yaml").write_text("base: none.yaml\nhandlers:\n  progress: {params: {every: 3}}\n")
+    assert [(h.name, h.params) for h in load_config(tmp_path / "child.yaml").handlers] == [("progress", {"every": 3})]
+    (tmp_path / "bad.yaml").write_text("handlers: oops\n")
+    (tmp_path / "bad_child.yaml").write_text("base: bad.yaml\nhandlers:\n  progress: null\n")
+    with pytest.raises(ConfigError, match="'handlers': got 'oops', expected a list"):
+        load_config(tmp_path / "bad_child.yaml")
+
+
 def test_base_files_that_loop_or_are_missing_are_refused(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
