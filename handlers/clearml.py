@@ -49,6 +49,11 @@ class ClearML:
       step's metrics (series ``train``: loss, loss_x, loss_u, mask_rate, pseudo_acc, lr, data_time,
       step_time), and after each evaluation top1/top5/loss of every evaluator (series ``test_ema``,
       ``test_raw``), all at the trainer's iteration. Accuracies are fractions, as in TensorBoard.
+    - After each evaluation (the evaluation handler's EVALUATED event), plots at the trainer's iteration:
+      ``confusion matrix`` (series ``test_<model>``, class names on both axes, rows true), the table
+      ``per-class accuracy`` (series ``test_<model>``), and for the pseudo-labels since the previous
+      evaluation the histogram ``pseudo-labels per class`` (series ``count``) and the table
+      ``pseudo-labels per class`` (series ``table``: count, correct, known, top-1 %).
     - ``sample_images`` debug images of unlabeled images, each as original | weak | strong.
     - At the end, the best checkpoint (``best_*.pt`` of the checkpoint handler) as the output model,
       if ``upload_best_model``; the file itself stays where it is.
@@ -100,6 +105,8 @@ class ClearML:
         from ignite.engine import Events
         from ignite.handlers.clearml_logger import ClearMLLogger
 
+        from ignite_fixmatch.evaluation import on_evaluated
+
         self.ctx = ctx
         self.task = self._open_task(ctx)
         self.offline_folder = Path(self.task.get_offline_mode_folder()) if self.task.is_offline() else None
@@ -113,10 +120,12 @@ class ClearML:
         self.logger.attach(trainer, log_handler=_report_train_scalars, event_name=Events.ITERATION_COMPLETED(every=self.every))
         for name, evaluator in ctx.evaluators.items():
             self.logger.attach(evaluator, log_handler=_EvalScalars(trainer, f"test_{name}"), event_name=Events.COMPLETED)
+        self.models = list(ctx.evaluators)
+        on_evaluated(trainer, self._report_per_class)
         # After the evaluation's and the checkpoint's COMPLETED handlers (attached before this one): the
         # final evaluation and best checkpoint exist when _finish reads them.
         trainer.add_event_handler(Events.COMPLETED, self._finish)
-        trainer.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
+        ctx.on_failure.append(self._on_failure)
 
     # ------------------------------------------------------------------ connection
 
@@ -175,6 +184,30 @@ class ClearML:
         for i, image in enumerate(augmentation_samples(ctx.data, self.sample_images, ctx.config.seed)):
             self.logger.clearml_logger.report_image(title="augmentations", series=f"sample_{i:02d}", iteration=0, image=image)
 
+    def _report_per_class(self, trainer: Engine) -> None:
+        """Tables are lists of rows (header first): ClearML takes those without pandas, which is not installed."""
+        record, report = trainer.state.evaluation, self.logger.clearml_logger
+        classes, step = record["classes"], record["iteration"]
+        for model in (m for m in self.models if m in record):
+            report.report_confusion_matrix(
+                title="confusion matrix", series=f"test_{model}", matrix=np.asarray(record[model]["confusion"]), iteration=step,
+                xaxis="predicted", yaxis="true", xlabels=classes, ylabels=classes, yaxis_reversed=True,
+            )
+            rows = [[r["class"], r["images"], r["correct"], _percent(r["top1"])] for r in record[model]["per_class"]]
+            table = [["class", "images", "correct", "top-1 %"], *rows]
+            report.report_table(title="per-class accuracy", series=f"test_{model}", iteration=step, table_plot=table)
+        pseudo = record["pseudo_labels"]
+        if not pseudo["steps"]:  # none when the trainer's step does not report them
+            return
+        report.report_histogram(
+            title="pseudo-labels per class", series="count", values=pseudo["counts"], iteration=step, xlabels=classes, xaxis="class",
+            yaxis=f"pseudo-labels used in {pseudo['steps']} iterations",
+        )
+        rows = [list(r) for r in zip(classes, pseudo["counts"], pseudo["correct"], pseudo["known"], map(_percent, pseudo["top1"]))]
+        report.report_table(
+            title="pseudo-labels per class", series="table", iteration=step, table_plot=[["class", "count", "correct", "known", "top-1 %"], *rows]
+        )
+
     def _finish(self, trainer: Engine) -> None:
         if self._closed:
             return
@@ -182,14 +215,13 @@ class ClearML:
             self._register_best_model(trainer.state.iteration)
         self._close()
 
-    def _on_exception(self, trainer: Engine, error: BaseException) -> None:
-        """Flush and close the task so a crashed run's reports are kept, then let the error go on. The
-        error goes into the task's console log too (the command line prints it once, after the task is closed)."""
+    def _on_failure(self, error: BaseException) -> None:
+        """Flush and close the task so a crashed run's reports are kept. The error goes into the task's
+        console log too (the command line prints it once, after the task is closed)."""
         if not self._closed:
             self.task.get_logger().report_text(f"error: {type(error).__name__}: {error}")
             self.task.mark_failed(status_reason=f"{type(error).__name__}: {error}")
             self._close()
-        raise error
 
     def _close(self) -> None:
         self._closed = True
@@ -245,6 +277,10 @@ class _EvalScalars:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _is_int(value: Any) -> bool:

@@ -1,4 +1,5 @@
-"""tensorboard: every step metric and every evaluation metric in TensorBoard event files (rank 0)."""
+"""tensorboard: every step metric and every evaluation metric in TensorBoard event files (rank 0), with
+per-class accuracy, the confusion matrix as an image and the per-class pseudo-label counts."""
 
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ if TYPE_CHECKING:
 class TensorBoard:
     """Train scalars every ``every`` iterations under ``train/``, evaluation metrics under ``test_<model>/``,
     written to ``OUTPUT/tensorboard``. Uses Ignite's TensorboardLogger. Attached after the evaluation
-    handler (``uses`` its evaluators), wherever it is listed."""
+    handler (``uses`` its evaluators), wherever it is listed.
+
+    After each evaluation (the evaluation handler's EVALUATED event): ``test_<model>/top1_per_class/<class>``
+    (a fraction, like ``top1``; classes without test images are left out), the image
+    ``test_<model>/confusion_matrix``, and for the pseudo-labels since the previous evaluation
+    ``pseudo_labels/count/<class>`` and ``pseudo_labels/top1/<class>`` (where true labels are known)."""
 
     rank_zero_only = True
     uses = ("evaluators",)
@@ -33,6 +39,8 @@ class TensorBoard:
         from ignite.engine import Events
         from ignite.handlers.tensorboard_logger import GradsScalarHandler, OutputHandler, TensorboardLogger
 
+        from ignite_fixmatch.evaluation import on_evaluated
+
         self.logger = TensorboardLogger(log_dir=str(Path(ctx.output_dir) / self.log_dir))
         trainer = ctx.trainer
         every_iterations(trainer, self.every, lambda engine: _log_train_scalars(engine, self.logger, Events.ITERATION_COMPLETED))
@@ -45,7 +53,27 @@ class TensorBoard:
                 log_handler=OutputHandler(tag=f"test_{name}", metric_names=["top1", "top5", "loss"], global_step_transform=lambda *_: trainer.state.iteration),
                 event_name=Events.COMPLETED,
             )
+        self.models = list(ctx.evaluators)
+        on_evaluated(trainer, self._log_per_class)
         trainer.add_event_handler(Events.COMPLETED, lambda _: self.logger.close())
+
+    def _log_per_class(self, trainer: Engine) -> None:
+        from ignite_fixmatch.charts import confusion_matrix_image
+
+        record, writer = trainer.state.evaluation, self.logger.writer
+        step = record["iteration"]
+        for model in (m for m in self.models if m in record):
+            for row in record[model]["per_class"]:
+                if row["top1"] is not None:
+                    writer.add_scalar(f"test_{model}/top1_per_class/{row['class']}", row["top1"] / 100.0, step)
+            image = confusion_matrix_image(record[model]["confusion"], record["classes"])
+            writer.add_image(f"test_{model}/confusion_matrix", image, step, dataformats="HWC")
+        pseudo = record["pseudo_labels"]
+        if pseudo["steps"]:  # none when the trainer's step does not report them
+            for name, count, top1 in zip(record["classes"], pseudo["counts"], pseudo["top1"]):
+                writer.add_scalar(f"pseudo_labels/count/{name}", count, step)
+                if top1 is not None:
+                    writer.add_scalar(f"pseudo_labels/top1/{name}", top1 / 100.0, step)
 
 
 def _log_train_scalars(engine: Engine, logger: TensorboardLogger, event_name: Any) -> None:

@@ -73,6 +73,14 @@ class DataConfig:
     skip_corrupt: bool = False
     # Seed of the labeled split; null uses `seed`.
     split_seed: int | None = None
+    # A text file of training-set indices, one per line (the format of a run's labeled_indices.txt, e.g. written by
+    # `python -m ignite_fixmatch.suggest --labels-out`): these images are the labeled ones instead of a random split.
+    # num_labels and split_seed are then ignored (the file decides how many, unbalanced if it is).
+    labels_file: str | None = None
+    # Labeled images per class held out of training entirely (neither labeled nor unlabeled), drawn from
+    # the training pool outside the labeled split; saved as val_indices.txt, to calibrate on
+    # (`export --calibrate-on val`). 0: none, and the split and streams are those of a run without the key.
+    val_labels: int = 0
 
 
 @dataclass
@@ -99,6 +107,10 @@ class ModelConfig:
     # cuDNN times its convolution algorithms for the step's shapes once and keeps the fastest (GPU only).
     # Its choice can differ between runs: false for bit-identical repeats of a GPU run.
     cudnn_benchmark: bool = True
+    # Warm start: a checkpoint (.pt or run folder) whose weights (its EMA model when saved, else the raw one) a NEW run
+    # starts from, with a fresh optimizer, LR schedule and iteration count. Shapes must match (same network, same number of
+    # classes). A resumed run continues from its own checkpoint and does not read this again.
+    init_from: str | None = None
 
 
 @dataclass
@@ -325,14 +337,14 @@ def validate(cfg: Config) -> Config:
     require(0 <= cfg.seed < 2**32, "seed", cfg.seed, "an integer in [0, 2^32)")
     require(d.num_labels == -1 or d.num_labels > 0, "data.num_labels", d.num_labels, "a positive integer or -1 (all)")
     n_cls = KNOWN_NUM_CLASSES.get(d.name)
-    if n_cls and d.num_labels > 0:
+    if n_cls and d.num_labels > 0 and d.labels_file is None:  # with labels_file the file decides (data.read_labels_file)
         require(
             d.num_labels % n_cls == 0,
             "data.num_labels",
             d.num_labels,
             f"a multiple of the {n_cls} classes of {d.name} (the split is balanced per class)",
         )
-    if d.num_labels > 0 and not d.allow_labeled_repeats:
+    if d.num_labels > 0 and not d.allow_labeled_repeats and d.labels_file is None:
         require(
             d.batch_size <= d.num_labels,
             "data.batch_size",
@@ -348,6 +360,7 @@ def validate(cfg: Config) -> Config:
     require(0 <= d.num_workers <= 256, "data.num_workers", d.num_workers, "an integer in [0, 256]")
     require(d.unlabeled_dir is None or d.name == "folder", "data.unlabeled_dir", d.unlabeled_dir, "null unless data.name is 'folder'")
     require(d.split_seed is None or 0 <= d.split_seed < 2**32, "data.split_seed", d.split_seed, "null or an integer in [0, 2^32)")
+    require(0 <= d.val_labels <= 2**20, "data.val_labels", d.val_labels, "an integer in [0, 2^20] (held-out labeled images per class)")
     require(10 <= m.depth <= 1000 and (m.depth - 4) % 6 == 0, "model.depth", m.depth, "6n+4 with n >= 1 (10, 16, 22, 28, ...), at most 1000")
     require(1 <= m.widen_factor <= 64, "model.widen_factor", m.widen_factor, "an integer in [1, 64]")
     require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a number in [0, 1)")

@@ -17,7 +17,7 @@ import multiprocessing.util  # noqa: F401  (imported before atexit.register belo
 import random
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from ignite_fixmatch.datasets import DataSources, ImageSource, build_sources, da
 from ignite_fixmatch.preemption import ignore_stop_signals
 
 LABELED, UNLABELED, EVAL = 0, 1, 2  # stream ids: part of every seed so the streams are independent
+HELD_OUT = 3  # seed part of the data.val_labels split (after the labeled split, from its own generator)
 PAD_FRACTION = 0.125  # 4 px of 32 (CIFAR), 12 px of 96 (STL-10)
 
 
@@ -62,6 +63,31 @@ def split_labeled(
                 f"config key 'data.num_labels': got {num_labels}, which needs {per_class} images of class "
                 f"{classes[c] if classes is not None and c < len(classes) else c!r} "
                 f"but the training set has {len(pool)}; lower data.num_labels or use -1 for all."
+            )
+        chosen.append(rng.choice(pool, per_class, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def split_held_out(
+    targets: np.ndarray, labeled: np.ndarray, per_class: int, num_classes: int, seed: int, classes: list[str] | None = None
+) -> np.ndarray:
+    """``data.val_labels``: ``per_class`` images of each class outside ``labeled``, held out of training
+    entirely (neither labeled nor unlabeled), to calibrate on. Drawn by a generator of their own (seeded
+    by the split seed and HELD_OUT), so the labeled split and every other draw are those of a run without them."""
+    if per_class == 0:
+        return np.empty(0, dtype=np.int64)
+    targets = np.asarray(targets)
+    free = np.ones(len(targets), dtype=bool)
+    free[labeled] = False
+    rng = np.random.default_rng(hash_seed(seed, HELD_OUT))
+    chosen = []
+    for c in range(num_classes):
+        pool = np.flatnonzero(free & (targets == c))
+        if len(pool) < per_class:
+            raise ConfigError(
+                f"config key 'data.val_labels': got {per_class}, but class "
+                f"{classes[c] if classes is not None and c < len(classes) else c!r} has only {len(pool)} training images "
+                "left outside the labeled split; lower data.val_labels (or data.num_labels), or add images."
             )
         chosen.append(rng.choice(pool, per_class, replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64)
@@ -207,6 +233,8 @@ class FixMatchData:
     augment: str = "pil"  # data.augment resolved: "pil", "batched" or "device"
     # batched and device: the trainer's batch_transform (the views made on the training device)
     batched: BatchedAugment | None = None
+    # data.val_labels: training images held out of both streams (to calibrate on); empty when 0
+    val_indices: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 def view_settings(cfg: Config, sources: DataSources) -> dict[str, Any]:
@@ -252,19 +280,57 @@ def fits_on_device(sources: DataSources, unlabeled: ConcatSource, device: torch.
     return resident_bytes(sources, unlabeled) <= share * free
 
 
+def read_labels_file(path: str, num_train: int) -> np.ndarray:
+    """``data.labels_file``: training-set indices, one per line (blank lines ignored), as sorted int64.
+
+    Refuses (ConfigError naming the file and line) a missing file, a line that is not an integer, an index
+    outside the training set and a repeated index: each would silently train on another labeled set."""
+    key = f"config key 'data.labels_file' ({path!r})"
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: cannot be read ({getattr(e, 'strerror', None) or e}); give a text file of training-set indices, "
+                          "one per line (e.g. a run's labeled_indices.txt), or unset it for a random split.") from None
+    indices, first_line = [], {}
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            i = int(text)
+        except ValueError:
+            raise ConfigError(f"{key}: line {number} is {text[:40]!r}, not an integer; the file holds one training-set index per line.") from None
+        if not 0 <= i < num_train:
+            raise ConfigError(f"{key}: line {number}: index {i} is outside the training set (0..{num_train - 1}); "
+                              "was the file written for another data set?")
+        if i in first_line:
+            raise ConfigError(f"{key}: index {i} is repeated (lines {first_line[i]} and {number}); each image is labeled once.")
+        first_line[i] = number
+        indices.append(i)
+    if not indices:
+        raise ConfigError(f"{key}: the file holds no index; give at least one training-set index per line.")
+    return np.sort(np.asarray(indices, dtype=np.int64))
+
+
 def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
     split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
-    labeled = split_labeled(sources.train.targets, cfg.data.num_labels, sources.num_classes, split_seed, sources.classes)
+    if cfg.data.labels_file is not None:
+        labeled = read_labels_file(cfg.data.labels_file, len(sources.train))
+    else:
+        labeled = split_labeled(sources.train.targets, cfg.data.num_labels, sources.num_classes, split_seed, sources.classes)
     if cfg.data.batch_size > len(labeled) and not cfg.data.allow_labeled_repeats:
         raise ConfigError(
             f"config key 'data.batch_size': got {cfg.data.batch_size}, expected at most the {len(labeled)} labeled images "
             "(or set data.allow_labeled_repeats=true)."
         )
+    held_out = split_held_out(sources.train.targets, labeled, cfg.data.val_labels, sources.num_classes, split_seed, sources.classes)
     parts = []
     if cfg.data.unlabeled_includes_labeled:
         parts.append((sources.train, np.arange(len(sources.train), dtype=np.int64)))
     else:
         parts.append((sources.train, np.setdiff1d(np.arange(len(sources.train)), labeled)))
+    if len(held_out):  # data.val_labels > 0 only: without it the pool is exactly as before
+        parts[0] = (sources.train, np.setdiff1d(parts[0][1], held_out).astype(np.int64))
     if sources.unlabeled is not None:
         parts.append((sources.unlabeled, np.arange(len(sources.unlabeled), dtype=np.int64)))
     unlabeled = ConcatSource([p for p in parts if len(p[1])])
@@ -278,7 +344,7 @@ def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
     batched = None
     if augment != "pil":
         batched = BatchedAugment(cfg.data.randaugment, channels_last=cfg.model.channels_last, **settings)
-    return FixMatchData(sources, labeled, unlabeled, weak, strong, augment, batched)
+    return FixMatchData(sources, labeled, unlabeled, weak, strong, augment, batched, val_indices=held_out)
 
 
 def sources_from_config(cfg: Config, *, with_unlabeled: bool = True) -> DataSources:

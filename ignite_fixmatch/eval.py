@@ -2,7 +2,8 @@
 
 Every checkpoint carries the resolved config of its run, so the model and the test data (with the
 same normalisation) are rebuilt exactly as training built them, and no YAML file is needed. Prints
-top-1, top-5, loss and per-class accuracy; ``--json OUT.json`` writes them too. CPU or one GPU.
+top-1, top-5, loss, expected calibration error (15 bins) and per-class accuracy; ``--json OUT.json``
+writes them too, ``--reliability OUT.png`` draws the reliability diagram. CPU or one GPU.
 
     python -m ignite_fixmatch.eval runs/cifar10_4000/checkpoints/checkpoint_1048576.pt
     python -m ignite_fixmatch.eval runs/cifar10_4000 --model raw --device cpu --json scores.json
@@ -18,18 +19,19 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ignite_fixmatch.calibration import BINS, CalibrationError, ReliabilityBins, reliability_diagram
 from ignite_fixmatch.config import DATASETS, Config, ConfigError, from_dict
 from ignite_fixmatch.data import build_eval_loader, sources_from_config
 from ignite_fixmatch.datasets import DataError, DataSources, dataset_spec
 from ignite_fixmatch.errors import error_line
-from ignite_fixmatch.evaluation import create_evaluator
+from ignite_fixmatch.evaluation import create_evaluator, per_class_rows
+from ignite_fixmatch.output_files import OutputError, check_output, write_atomically
 from ignite_fixmatch.resume import CheckpointError, newest_checkpoint, read_checkpoint, shape_mismatches
 from ignite_fixmatch.training import model_from_config
 
@@ -41,7 +43,7 @@ class EvalError(RuntimeError):
     """A request this command cannot carry out, with what to do instead."""
 
 
-USER_ERRORS = (EvalError, CheckpointError, ConfigError, DataError)
+USER_ERRORS = (EvalError, CheckpointError, ConfigError, DataError, OutputError)
 
 
 # --------------------------------------------------------------------------- checkpoint and config
@@ -117,26 +119,27 @@ def classes_in_state(model: torch.nn.Module, state: Mapping[str, Any], num_class
     return None
 
 
-def build_loaded_model(cfg: Config, sources: DataSources, state: Any, path: Path, which: str) -> torch.nn.Module:
-    """The run's network for this data set, with the checkpoint's weights; refuses any mismatch."""
+def build_loaded_model(cfg: Config, classes: Sequence[str], channels: int, state: Any, path: Path, which: str) -> torch.nn.Module:
+    """The run's network for ``classes`` and ``channels``, with the checkpoint's weights; refuses any mismatch."""
+    num_classes = len(classes)
     try:
-        model = model_from_config(cfg, sources.num_classes, sources.channels)
+        model = model_from_config(cfg, num_classes, channels)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r}: the model of its config ({cfg.model.name!r}) cannot be built here: {e}") from None
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint {str(path)!r}: its {which} model is a {type(state).__name__}, not a state dict.")
-    trained_for = classes_in_state(model, state, sources.num_classes)
+    trained_for = classes_in_state(model, state, num_classes)
     if trained_for is not None:
         raise CheckpointError(
             f"checkpoint {str(path)!r} was trained on {trained_for} classes but the test data ({describe_data(cfg)}) has "
-            f"{sources.num_classes}: {', '.join(sources.classes)}. Evaluate it on the data set it was trained on "
+            f"{num_classes}: {', '.join(classes)}. Evaluate it on the data set it was trained on "
             "(--data/--data-root), with the same class folders."
         )
     problems = shape_mismatches(model, state, shown=3)
     if problems:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not fit the model its config describes for {describe_data(cfg)} "
-            f"({sources.channels} channels, {sources.num_classes} classes): {problems}."
+            f"({channels} channels, {num_classes} classes): {problems}."
         )
     try:
         model.load_state_dict(state)
@@ -159,15 +162,6 @@ def load_test_data(cfg: Config, root_given: bool) -> DataSources:
     except DataError as e:
         where = "as given by --data-root" if root_given else "from the checkpoint's config; if it moved, give --data-root PATH"
         raise DataError(f"{e} (data set: {describe_data(cfg)}, {where})") from None
-
-
-def per_class_rows(confusion: torch.Tensor, classes: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows of the confusion matrix are true classes: accuracy = diagonal / row sum (None: no images)."""
-    rows = []
-    for i, name in enumerate(classes):
-        images, correct = int(confusion[i].sum()), int(confusion[i, i])
-        rows.append({"class": name, "images": images, "correct": correct, "top1": 100.0 * correct / images if images else None})
-    return rows
 
 
 def open_checkpoint(
@@ -195,7 +189,7 @@ def evaluate_checkpoint(
     path, ckpt, cfg, which = open_checkpoint(checkpoint, data, data_root, model)
     dev = resolve_device(device)
     sources = load_test_data(cfg, root_given=data_root is not None)
-    net = build_loaded_model(cfg, sources, ckpt[MODEL_KEYS[which]], path, which).to(dev)
+    net = build_loaded_model(cfg, sources.classes, sources.channels, ckpt[MODEL_KEYS[which]], path, which).to(dev)
 
     loader = build_eval_loader(
         sources,
@@ -207,6 +201,8 @@ def evaluate_checkpoint(
         net, dev, num_classes=sources.num_classes, mean=sources.mean, std=sources.std, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
         channels_last=cfg.model.channels_last, per_class=True,
     )
+    calibration = CalibrationError(BINS, device=dev)
+    calibration.attach(evaluator, "ece")
     metrics = evaluator.run(loader).metrics
     trainer_state = ckpt.get("trainer")
     return {
@@ -219,6 +215,8 @@ def evaluate_checkpoint(
         "top5": 100.0 * metrics["top5"],
         "top5_k": min(5, sources.num_classes),
         "loss": float(metrics["loss"]),
+        "ece": 100.0 * metrics["ece"],  # percent, BINS equal-width confidence bins
+        "reliability": calibration.reliability.to_dict(),
         "per_class": per_class_rows(metrics["confusion"].cpu(), sources.classes),
     }
 
@@ -233,6 +231,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"top-1: {report['top1']:.2f} %",
         f"top-5: {report['top5']:.2f} %" + (f" (top-{k}: only {k} classes)" if k < 5 else ""),
         f"loss: {report['loss']:.4f}",
+        f"ECE ({report['reliability']['bins']} bins): {report['ece']:.2f} %",
         "per-class accuracy:",
     ]
     width = max([len("class")] + [len(r["class"]) for r in report["per_class"]])
@@ -260,6 +259,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=_non_negative, help="data-loading processes (default: as in training)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available, else cpu")
     parser.add_argument("--json", type=Path, help="also write the scores to this JSON file")
+    parser.add_argument("--reliability", type=Path, metavar="OUT.png", help="also draw the reliability diagram (accuracy per confidence bin) as a PNG")
     return parser.parse_args(argv)
 
 
@@ -284,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.json is not None:
-            check_writable(args.json)
+            check_output(args.json, "--json", overwrite=True)
+        if args.reliability is not None:
+            check_output(args.reliability, "--reliability", overwrite=True)
         report = evaluate_checkpoint(
             args.checkpoint, data=args.data, data_root=args.data_root, model=args.model,
             batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
@@ -295,32 +297,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_report(report))
     if args.json is not None:
         try:
-            args.json.write_text(json.dumps(report, indent=2))
+            write_atomically(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
         except OSError as e:  # became unwritable during the evaluation
             print(f"error: --json: cannot write {str(args.json)!r}: {e.strerror or e}", file=sys.stderr)
             return EXIT_USER_ERROR
+    if args.reliability is not None:
+        bins = ReliabilityBins.from_dict(report["reliability"], report["ece"] / 100)
+        try:
+            reliability_diagram(bins, args.reliability, f"{Path(report['checkpoint']).name}, {report['model']} model, test split")
+        except OSError as e:
+            print(f"error: --reliability: cannot write {str(args.reliability)!r}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"reliability diagram: {args.reliability}")
     return 0
-
-
-def check_writable(path: Path) -> None:
-    """Refuse an unwritable --json target before the evaluation, not after minutes of it.
-
-    Tried for real (not ``os.access``, which says yes to root on a read-only mount): an existing file is
-    opened for appending (its content and time stay), a new one is created in its folder and removed.
-    """
-    if not path.parent.is_dir():
-        raise EvalError(f"--json: folder {str(path.parent)!r} does not exist; create it or write elsewhere.")
-    if path.is_dir():
-        raise EvalError(f"--json: {str(path)!r} is a directory; give a file name, e.g. {str(path / 'scores.json')!r}.")
-    try:
-        if path.exists():
-            with path.open("a"):
-                pass
-        else:
-            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".eval_json_check_"):
-                pass
-    except OSError as e:
-        raise EvalError(f"--json: {str(path)!r} cannot be written ({e.strerror or e}); write elsewhere.") from None
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""The evaluator: top-1, top-5 and loss of a model on the test loader, reduced over all processes."""
+"""The evaluator: top-1, top-5 and loss of a model on the test loader (and its confusion matrix), reduced over
+all processes; the per-class rows of a confusion matrix; the trainer event fired after each evaluation."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, EventEnum
 from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccuracy
 from torch import nn
 
@@ -53,3 +54,31 @@ def create_evaluator(
     if per_class:
         ConfusionMatrix(num_classes, device=device).attach(evaluator, "confusion")
     return evaluator
+
+
+def per_class_rows(confusion: torch.Tensor | Sequence[Sequence[int]], classes: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of the confusion matrix are true classes: accuracy = diagonal / row sum (None: no images)."""
+    matrix = confusion.tolist() if isinstance(confusion, torch.Tensor) else confusion
+    rows = []
+    for i, name in enumerate(classes):
+        images, correct = int(sum(matrix[i])), int(matrix[i][i])
+        rows.append({"class": name, "images": images, "correct": correct, "top1": 100.0 * correct / images if images else None})
+    return rows
+
+
+class EvaluationEvents(EventEnum):
+    """Events the evaluation handler registers on the trainer. ``EVALUATED``: fired at the end of every
+    evaluation on every process, with ``trainer.state.evaluation`` holding its record (handlers/evaluation.py
+    documents the record's keys)."""
+
+    EVALUATED = "evaluated"
+
+
+def on_evaluated(trainer: Engine, handler: Callable[[Engine], None]) -> bool:
+    """Call ``handler(trainer)`` after every evaluation; False (nothing attached) when no evaluation handler
+    registered the event on this trainer (a run without one has no per-class results to report)."""
+    try:
+        trainer.add_event_handler(EvaluationEvents.EVALUATED, handler)
+    except ValueError:  # Ignite's answer for an event not registered on this engine
+        return False
+    return True

@@ -40,6 +40,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from ignite_fixmatch.config import Config, ConfigError, HandlerSpec, config_value, describe_type
+from ignite_fixmatch.errors import error_line
 from ignite_fixmatch.plugin_import import import_by_name
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ BUILTINS: Mapping[str, str] = MappingProxyType(
         "checkpoint": "handlers.checkpoint:Checkpointing",
         "tensorboard": "handlers.tensorboard:TensorBoard",
         "clearml": "handlers.clearml:ClearML",
+        "mlflow": "handlers.mlflow:MLflow",
+        "wandb": "handlers.wandb:WandB",
         "progress": "handlers.progress:Progress",
         "terminate_on_nan": "handlers.terminate_on_nan:StopOnNonFinite",
         "timer": "handlers.timer:HandlersTimer",
@@ -66,7 +69,7 @@ UPDATE = 10  # changes the training state (ema, cosine_lr): everything after see
 GUARD = 20  # checks the step before anything measures or saves it (terminate_on_nan)
 MEASURE = 30  # evaluates the model (evaluation)
 DEFAULT = 40  # a handler that declares none
-REPORT = 50  # writes what happened (tensorboard, clearml, progress, timer)
+REPORT = 50  # writes what happened (tensorboard, clearml, mlflow, wandb, progress, timer)
 PERSIST = 60  # saves the complete state of the iteration (checkpoint): after everything else
 
 
@@ -98,6 +101,12 @@ class Context:
     # write (periodic, best, final, preemption), on every process at the same iteration. A guard raises
     # to refuse and stop the run (terminate_on_nan: the loss diverged since its last read).
     guards: list[Callable[[Engine], None]] = field(default_factory=list)
+    # Called once with the error when the run fails (a step, a guard or a handler raised; Preempted too),
+    # before the error reaches the command line: trackers mark their run failed and flush. A handler
+    # appends here instead of adding its own EXCEPTION_RAISED handler: Ignite re-raises nothing once one
+    # exists, and a handler that raises skips those after it. attach_all registers the one that calls
+    # these callbacks and then raises the error.
+    on_failure: list[Callable[[BaseException], None]] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -300,11 +309,34 @@ def build_handlers(specs: Iterable[HandlerSpec]) -> list[Handler]:
 def attach_all(handlers: Iterable[Handler], ctx: Context) -> None:
     """Attach in the given order, a plan's (Ignite fires the handlers of one event in attach order).
 
-    Handlers marked ``rank_zero_only`` (loggers, savers) attach on rank 0 alone."""
+    Handlers marked ``rank_zero_only`` (loggers, savers) attach on rank 0 alone. Last, the handler that
+    reports a failure to ``ctx.on_failure`` and re-raises it."""
+    from ignite.engine import Events
+
     for h in handlers:
         if getattr(h, "rank_zero_only", False) and ctx.rank != 0:
             continue
         h.attach(ctx)
+    if ctx.on_failure:
+        ctx.trainer.add_event_handler(Events.EXCEPTION_RAISED, _report_failure(ctx.on_failure, ctx.logger))
+
+
+def _report_failure(callbacks: list[Callable[[BaseException], None]], logger: logging.Logger) -> Callable[[Engine, BaseException], None]:
+    """An EXCEPTION_RAISED handler: every callback once per error (Ignite fires the event twice for an
+    error in a step: from the epoch, then from the run), then the error goes on to the command line."""
+    reported: list[BaseException] = []
+
+    def failed(engine: Engine, error: BaseException) -> None:
+        if not reported or reported[-1] is not error:
+            reported.append(error)
+            for callback in callbacks:
+                try:
+                    callback(error)
+                except Exception as e:  # noqa: BLE001 - a handler that cannot record the failure must not hide the run's error
+                    logger.warning("a handler could not record the run's failure: %s: %s", type(e).__name__, error_line(e))
+        raise error
+
+    return failed
 
 
 def every_iterations(engine: Engine, every: int, handler: Callable[[Engine], None]) -> None:
@@ -323,14 +355,15 @@ def every_iterations(engine: Engine, every: int, handler: Callable[[Engine], Non
 
 
 def step_scalars(engine: Engine) -> dict[str, float]:
-    """The step's output dict as floats, plus data and step time: called only where metrics are logged,
-    so a GPU step never waits for the host otherwise."""
+    """The step's scalars (0-d tensors and numbers) as floats, plus data and step time: called only where
+    metrics are logged, so a GPU step never waits for the host otherwise. Vectors (the per-class
+    pseudo-label counts) are left out: the evaluation handler reports them per class."""
     import torch
 
     out = engine.state.output
-    tensors = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+    tensors = [k for k, v in out.items() if isinstance(v, torch.Tensor) and v.dim() == 0]
     read = torch.stack([out[k].detach().double() for k in tensors]).tolist() if tensors else []  # one device read
-    values = {k: float(v) for k, v in out.items() if k not in tensors} | dict(zip(tensors, read))
+    values = {k: float(v) for k, v in out.items() if not isinstance(v, torch.Tensor)} | dict(zip(tensors, read))
     for name in ("data_time", "step_time"):
         if hasattr(engine.state, name):
             values[name] = getattr(engine.state, name)

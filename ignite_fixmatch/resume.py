@@ -69,13 +69,21 @@ class ConfigRecord:
 
 
 class ClassesRecord:
-    """The class names of the training data: resuming or evaluating on other classes is refused."""
+    """The class names of the training data: resuming or evaluating on other classes is refused.
 
-    def __init__(self, classes: list[str]) -> None:
+    Also stores the evaluation preprocessing (``Preprocessing.to_dict()``: mode, image size, mean, std),
+    so predict, export and suggest need neither the data set nor its files to rebuild it.
+    """
+
+    def __init__(self, classes: list[str], preprocessing: Mapping[str, Any] | None = None) -> None:
         self.classes = list(classes)
+        self.preprocessing = dict(preprocessing) if preprocessing is not None else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"classes": self.classes}
+        state: dict[str, Any] = {"classes": self.classes}
+        if self.preprocessing is not None:
+            state["preprocessing"] = self.preprocessing
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = list(state["classes"])

@@ -33,6 +33,8 @@ FIXED: Mapping[str, str] = MappingProxyType(
         "data.name": "another data set",
         "data.num_labels": "another labeled split",
         "data.split_seed": "another labeled split",
+        "data.labels_file": "another labeled split",
+        "data.val_labels": "other images held out, so another unlabeled stream",
         "data.image_size": "other inputs for the same weights",
         "data.channels": "other inputs (and another first layer)",
         "data.unlabeled_dir": "another unlabeled stream",
@@ -76,6 +78,7 @@ CHANGEABLE: Mapping[str, str] = MappingProxyType(
         "model.compile_mode": "speed: the same model and state",
         "model.cudnn_benchmark": "speed: the same model and state",
         "model.channels_last": "speed: memory layout, the same weights",
+        "model.init_from": "read only when a new run starts: a resumed run continues from its own checkpoint",
         "dist": "processes and rendezvous: the stream does not depend on the number of processes",
         "handlers": "what is attached; a handler with state must still be there to be restored",
     }

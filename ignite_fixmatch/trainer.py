@@ -27,11 +27,25 @@ from ignite_fixmatch.errors import NonFiniteLossError  # noqa: F401  (importable
 logger = logging.getLogger(__name__)
 
 COMMON_METRICS = ("mask_rate", "pseudo_acc")  # reported for every algorithm, after its own metrics
+# Per-class vectors of the step's pseudo-labels (not scalars: step_scalars leaves them out; the evaluation handler sums them).
+PSEUDO_KEYS = ("pseudo_counts", "pseudo_correct", "pseudo_known")
 
 
 def step_metric_names(algorithm: Algorithm) -> tuple[str, ...]:
     """The tensors one update reports, in order: loss, the algorithm's own metrics, mask_rate, pseudo_acc."""
     return ("loss", *algorithm.metric_names, *COMMON_METRICS)
+
+
+def pseudo_label_counts(pseudo: Tensor, true_labels: Tensor, mask: Tensor, num_classes: int) -> Tensor:
+    """(3, num_classes) float32: per class of the pseudo-label, the mask-weighted number used this step,
+    how many of those equal the true label, and how many have a known true label (``true_labels`` -1: unknown).
+
+    A fixed-size scatter_add (no bincount, no Python number): it compiles with the step and never syncs
+    with the host; the sums stay in float32 (no matmul for autocast to lower), exact for whole counts."""
+    mask = mask.detach().float()
+    known = (true_labels >= 0).float()
+    weights = torch.stack([mask, mask * (pseudo == true_labels).float() * known, mask * known])  # (3, n)
+    return weights.new_zeros(3, num_classes).scatter_add(1, pseudo.long().expand(3, -1), weights)
 
 
 def interleave(x: Tensor, size: int) -> Tensor:
@@ -114,6 +128,9 @@ def create_trainer(
 ) -> Engine:
     """An Engine whose iteration is one update of ``algorithm`` on a batch (x, y, u_w, u_s, u_y, u_idx).
 
+    Its output: the 0-d tensors of :func:`step_metric_names`, ``lr``, and the (num_classes,) vectors of
+    ``PSEUDO_KEYS`` (:func:`pseudo_label_counts`), all left on the device.
+
     ``algorithm`` must already be on ``device`` (its buffers are read in the step).
     ``scaler``: a GradScaler for float16 AMP (the caller owns it, so the checkpoint can hold it).
     ``batch_transform`` runs on the device before the forward (e.g. batched augmentation on the GPU).
@@ -131,13 +148,14 @@ def create_trainer(
 
     def losses_and_metrics(
         x: Tensor, y: Tensor, u_w: Tensor, u_s: Tensor, u_y: Tensor, u_idx: Tensor, step: Tensor
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(loss to back-propagate, the metrics of ``names`` stacked in one vector, the algorithm's stats)."""
+    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """(loss to back-propagate, the metrics of ``names`` stacked in one vector, the per-class pseudo-label
+        counts of :func:`pseudo_label_counts`, the algorithm's stats)."""
         logits_x, logits_w, logits_s = forward_logits(model, x, u_w, u_s, use_interleave)
         out = algorithm(logits_x, y, logits_w, logits_s, u_idx, step)
         own = [out.metrics[k] for k in algorithm.metric_names]
         metrics = torch.stack([out.loss.detach(), *own, out.mask.mean(), masked_accuracy(out.pseudo_labels, u_y, out.mask)])
-        return out.loss, metrics, out.stats
+        return out.loss, metrics, pseudo_label_counts(out.pseudo_labels, u_y, out.mask, algorithm.num_classes), out.stats
 
     compiled = torch.compile(losses_and_metrics, mode=None if compile_mode == "default" else compile_mode) if compile_model else None
     step = {"fn": compiled or losses_and_metrics, "proven": compiled is None}
@@ -154,27 +172,27 @@ def create_trainer(
             batch = batch_transform(batch)
         step_index.fill_(engine.state.iteration - 1)
 
-        def forward_backward(fn: Callable[..., tuple[Tensor, Tensor, dict[str, Tensor]]]) -> tuple[Tensor, dict[str, Tensor]]:
+        def forward_backward(fn: Callable[..., tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
             if fn is compiled:
                 torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs may be reused
             with autocast_context(device, amp, amp_dtype):
-                loss, metrics, stats = fn(batch["x"], batch["y"], batch["u_w"], batch["u_s"], batch["u_y"], batch["u_idx"], step_index)
+                loss, metrics, pseudo, stats = fn(batch["x"], batch["y"], batch["u_w"], batch["u_s"], batch["u_y"], batch["u_idx"], step_index)
             optimizer.zero_grad(set_to_none=True)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            return metrics.clone(), stats  # a CUDA graph's output is overwritten by the next replay; handlers read it later
+            return metrics.clone(), pseudo.clone(), stats  # a CUDA graph's output is overwritten by the next replay; handlers read it later
 
         if step["proven"]:
-            metrics, stats = forward_backward(step["fn"])
+            metrics, pseudo, stats = forward_backward(step["fn"])
         else:  # the first compiled step: compiling happens here
             try:
-                metrics, stats = forward_backward(step["fn"])
+                metrics, pseudo, stats = forward_backward(step["fn"])
             except Exception as e:  # noqa: BLE001 - any compiler failure; a real error recurs eagerly below
                 logger.warning(
                     "torch.compile failed at the first step (%s: %s); training goes on without it "
                     "(set model.compile=off to skip compiling).", type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "",
                 )
                 step["fn"] = losses_and_metrics
-                metrics, stats = forward_backward(losses_and_metrics)
+                metrics, pseudo, stats = forward_backward(losses_and_metrics)
             step["proven"] = True
         if stats:
             algorithm.update_state(**gather_stats(stats))
@@ -183,7 +201,7 @@ def create_trainer(
             scaler.update()
         else:
             optimizer.step()
-        return {**dict(zip(names, metrics.unbind())), "lr": optimizer.param_groups[0]["lr"]}
+        return {**dict(zip(names, metrics.unbind())), "lr": optimizer.param_groups[0]["lr"], **dict(zip(PSEUDO_KEYS, pseudo.unbind()))}
 
     return Engine(update)
 

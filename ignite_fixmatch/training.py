@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from ignite_fixmatch.errors import OutputDirError
 from ignite_fixmatch.models import build_model
 from ignite_fixmatch.plugins import Context, attach_all, build_handlers
 from ignite_fixmatch.preemption import PreemptionGuard
+from ignite_fixmatch.preprocessing import Preprocessing
 from ignite_fixmatch.resume import (
     CHECKPOINT_DIR,
     CheckpointError,
@@ -37,6 +38,8 @@ from ignite_fixmatch.resume import (
     find_resume_checkpoint,
     load_into,
     newest_checkpoint,
+    read_checkpoint,
+    shape_mismatches,
 )
 from ignite_fixmatch.resume_policy import check_resume_config
 from ignite_fixmatch.resume_policy import describe as describe_changes
@@ -164,6 +167,39 @@ def model_from_config(cfg: Config, num_classes: int, in_channels: int) -> torch.
     return model.to(memory_format=torch.channels_last) if m.channels_last else model
 
 
+def warm_start(model: torch.nn.Module, init_from: str, classes: list[str], logger: logging.Logger) -> None:
+    """``model.init_from``: load a checkpoint's weights (its EMA model when saved, else the raw one) into a new
+    run's model. Only weights: the optimizer, LR schedule and iteration count start fresh. Another shape is
+    refused by name (CheckpointError); other class names of the same count are allowed (fine-tuning) and logged."""
+    from ignite_fixmatch.eval import resolve_checkpoint  # eval imports this module
+
+    try:
+        path = resolve_checkpoint(Path(init_from))
+    except CheckpointError as e:
+        raise CheckpointError(f"model.init_from: {e}") from None
+    ckpt = read_checkpoint(path, required=("model",))
+    which = "ema_model" if isinstance(ckpt.get("ema_model"), Mapping) else "model"
+    problems = shape_mismatches(model, ckpt[which])
+    if problems:
+        raise CheckpointError(
+            f"model.init_from: checkpoint {str(path)!r} does not fit this run's model: {problems}. Warm start from a run of "
+            "the same model (model.*) and number of classes, or unset model.init_from to start from random weights."
+        )
+    try:
+        model.load_state_dict(ckpt[which])
+    except Exception as e:  # noqa: BLE001 - a damaged state dict fails in any way
+        raise CheckpointError(f"model.init_from: checkpoint {str(path)!r} cannot be loaded, the file is damaged ({type(e).__name__}).") from None
+    record = ckpt.get("classes")
+    saved = list(record.get("classes", [])) if isinstance(record, Mapping) else []
+    if saved and saved != list(classes):
+        logger.warning("model.init_from: the checkpoint was trained on classes %s, this run's are %s: its classifier is reused as is",
+                       ", ".join(map(str, saved[:10])), ", ".join(classes[:10]))
+    trainer_state = ckpt.get("trainer")
+    iteration = trainer_state.get("iteration") if isinstance(trainer_state, Mapping) else None
+    logger.info("Warm start: weights of %s (%s, iteration %s); new optimizer, LR schedule and iteration count",
+                path, "EMA" if which == "ema_model" else "raw", iteration)
+
+
 AUGMENT_WHERE = {
     "pil": "PIL per image in the loader workers",
     "batched": "batched on the device (loaders carry uint8 images)",
@@ -236,6 +272,9 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
             "Data %s: %d labeled of %d training images, %d unlabeled, %d test, %d classes",
             cfg.data.name, len(data.labeled_indices), len(sources.train), len(data.unlabeled), len(sources.test), sources.num_classes,
         )
+        if len(data.val_indices):  # data.val_labels: held out of training, to calibrate on
+            save_split(output_dir / "val_indices.txt", data.val_indices)
+            logger.info("Held out %d labeled images (data.val_labels=%d per class): val_indices.txt", len(data.val_indices), cfg.data.val_labels)
 
     m = cfg.model
     compile_model = compile_enabled(cfg, device)
@@ -249,7 +288,10 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
             amp, "on" if m.channels_last else "off", f"on ({m.compile_mode})" if compile_model else "off",
             "on" if torch.backends.cudnn.benchmark else "off",
         )
-    model = idist.auto_model(model_from_config(cfg, sources.num_classes, sources.channels), sync_bn=m.sync_bn)
+    net = model_from_config(cfg, sources.num_classes, sources.channels)
+    if m.init_from is not None and checkpoint is None:  # before DDP wraps it and the EMA handler copies it
+        warm_start(net, m.init_from, sources.classes, logger)
+    model = idist.auto_model(net, sync_bn=m.sync_bn)
     optimizer = idist.auto_optim(build_optimizer(model, cfg))
     scaler = None
     if needs_grad_scaler(device, cfg.amp, cfg.amp_dtype):
@@ -278,7 +320,7 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         "optimizer": optimizer,
         "rng": RNGState(),
         "config": ConfigRecord(cfg),
-        "classes": ClassesRecord(sources.classes),
+        "classes": ClassesRecord(sources.classes, Preprocessing.from_sources(sources).to_dict()),
     }
     if scaler is not None:
         to_save["scaler"] = scaler

@@ -16,7 +16,7 @@ from ignite_fixmatch.algorithms.fixmatch import FixMatch
 from ignite_fixmatch.algorithms.params import FixMatchParams
 from ignite_fixmatch.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 from ignite_fixmatch.resume import load_into
-from ignite_fixmatch.trainer import create_trainer, step_metric_names
+from ignite_fixmatch.trainer import PSEUDO_KEYS, create_trainer, step_metric_names
 
 TOY = "tests.toy_algorithm:ClassTableMatch"  # by dotted path from the working directory, as a user names theirs
 
@@ -156,7 +156,8 @@ def test_the_engine_updates_the_algorithms_state_and_reports_its_metrics():
     _, trainer = _train(algo)
     out = trainer.state.output
     assert step_metric_names(algo) == ("loss", "loss_x", "loss_u", "confident_seen", "mask_rate", "pseudo_acc")
-    assert set(out) == {*step_metric_names(algo), "lr"}
+    assert set(out) == {*step_metric_names(algo), "lr", *PSEUDO_KEYS}
+    assert out["pseudo_counts"].sum().item() == 8  # the last step's 8 unlabeled samples, all confident
     assert out["mask_rate"].item() == 1.0  # thresholds 0: every pseudo-label is used
     assert algo.class_counts.sum().item() == 4 * 8  # 4 steps of 8 unlabeled samples, all confident
     seen = {int(i) for batch in _batches(4) for i in batch["u_idx"]}

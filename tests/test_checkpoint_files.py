@@ -102,7 +102,7 @@ def _eval_load(path: Path) -> None:
     """What ``python -m ignite_fixmatch.eval`` does with the file before it reads any image."""
     _, ckpt, cfg, which = evaluate.open_checkpoint(path, None, None, None)
     sources = SimpleNamespace(num_classes=len(CLASSES), channels=3, classes=CLASSES)
-    evaluate.build_loaded_model(cfg, sources, ckpt[evaluate.MODEL_KEYS[which]], path, which)
+    evaluate.build_loaded_model(cfg, sources.classes, sources.channels, ckpt[evaluate.MODEL_KEYS[which]], path, which)
 
 
 # --------------------------------------------------------------------------- any file, damaged or not ours

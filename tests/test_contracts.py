@@ -308,3 +308,39 @@ def test_cli_run_with_handlers_in_a_bad_order_logs_every_evaluation(folder, tmp_
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("best")) == ["checkpoint_2.pt", "checkpoint_4.pt"]
     table = {row["handler"] for row in csv.DictReader((out / "handlers_time.csv").open())}
     assert "Checkpointing._at_end" in table and "Evaluation.evaluate" in table
+
+
+class RecordsFailure:
+    """A handler that records the run's failure through ctx.on_failure (optionally failing to)."""
+
+    def __init__(self, seen: list, broken: bool = False) -> None:
+        self.seen, self.broken = seen, broken
+
+    def attach(self, ctx: Context) -> None:
+        def record(error: BaseException) -> None:
+            self.seen.append((self, error))
+            if self.broken:
+                raise OSError("tracker unreachable")
+
+        ctx.on_failure.append(record)
+
+
+def test_every_failure_callback_runs_once_and_the_error_reaches_the_caller(tmp_path, caplog):
+    """Ignite fires EXCEPTION_RAISED twice for an error in a step and re-raises nothing once a handler exists:
+    attach_all's handler calls each callback once, a callback that fails is logged, and the error goes on."""
+    ctx = real_ctx(tmp_path, 4)
+
+    def step(engine, batch):
+        if engine.state.iteration == 2:
+            raise RuntimeError("the step broke")
+        return {"loss": torch.tensor(1.0)}
+
+    ctx.trainer = Engine(step)
+    seen: list = []
+    first, broken, last = RecordsFailure(seen), RecordsFailure(seen, broken=True), RecordsFailure(seen)
+    attach_all([first, broken, last], ctx)
+    with caplog.at_level(logging.WARNING, logger="contracts"), pytest.raises(RuntimeError, match="the step broke") as raised:
+        ctx.trainer.run([0] * 4, max_epochs=1)
+    assert [h for h, _ in seen] == [first, broken, last]
+    assert all(e is raised.value for _, e in seen)
+    assert "a handler could not record the run's failure: OSError: tracker unreachable" in caplog.text

@@ -10,7 +10,7 @@ from torch import nn
 from ignite_fixmatch.algorithms.fixmatch import FixMatch
 from ignite_fixmatch.algorithms.losses import consistency_loss, masked_accuracy, pseudo_labels, supervised_loss
 from ignite_fixmatch.models import build_model
-from ignite_fixmatch.trainer import create_trainer, de_interleave, forward_logits, interleave, parameter_groups
+from ignite_fixmatch.trainer import PSEUDO_KEYS, create_trainer, de_interleave, forward_logits, interleave, parameter_groups
 
 
 def test_supervised_loss_hand_computed():
@@ -152,8 +152,9 @@ def test_engine_step_updates_weights_and_returns_flat_metrics(amp):
     batch = _batch()
     trainer.run([batch], max_epochs=1)
     out = trainer.state.output
-    assert set(out) == {"loss", "loss_x", "loss_u", "mask_rate", "pseudo_acc", "lr"}
-    assert all(isinstance(out[k], torch.Tensor) and out[k].dim() == 0 for k in out if k != "lr")
+    assert set(out) == {"loss", "loss_x", "loss_u", "mask_rate", "pseudo_acc", "lr", *PSEUDO_KEYS}
+    assert all(isinstance(out[k], torch.Tensor) and out[k].dim() == 0 for k in ("loss", "loss_x", "loss_u", "mask_rate", "pseudo_acc"))
+    assert all(out[k].shape == (10,) and out[k].dtype == torch.float32 for k in PSEUDO_KEYS)  # one entry per class
     assert out["mask_rate"].item() == 1.0  # threshold 0: everything passes
     assert out["loss"].item() == pytest.approx(out["loss_x"].item() + out["loss_u"].item(), rel=1e-4)
     assert out["lr"] == 0.1
