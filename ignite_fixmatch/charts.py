@@ -29,11 +29,13 @@ def confusion_matrix_image(matrix: Sequence[Sequence[int]] | np.ndarray, classes
     label_font = _font(int(np.clip(cell * 0.6, 7, 14)))
     names = [_short(str(c)) for c in classes]
     label_w = max(_text_size(label_font, s)[0] for s in names)
+    label_h = max(_text_size(label_font, s)[1] for s in names)
+    upright = label_w <= cell - 2  # short names (digits): column labels read horizontally, above their column
     title_font = _font(14)
     title_h = _text_size(title_font, "predicted")[1]
     pad = 6
     left = title_h + 2 * pad + label_w + pad  # "true" (rotated), names, gap
-    top = title_h + 2 * pad + label_w + pad  # "predicted", rotated names, gap
+    top = title_h + 2 * pad + (label_h if upright else label_w) + pad  # "predicted", column names, gap
     side = n * cell
     canvas = Image.new("RGB", (left + side + pad, top + side + pad), (255, 255, 255))
     canvas.paste(Image.fromarray(_cells(counts, cell)), (left, top))
@@ -45,8 +47,11 @@ def confusion_matrix_image(matrix: Sequence[Sequence[int]] | np.ndarray, classes
     for i, name in enumerate(names):
         centre = i * cell + cell // 2
         draw.text((left - pad, top + centre), name, fill=(0, 0, 0), font=label_font, anchor="rm")  # row: true class
-        column = _rotated_text(name, label_font)
-        canvas.paste(column, (left + centre - column.width // 2, top - pad - column.height))  # column: predicted class
+        if upright:  # column: predicted class
+            draw.text((left + centre, top - pad), name, fill=(0, 0, 0), font=label_font, anchor="mb")
+        else:
+            column = _rotated_text(name, label_font)
+            canvas.paste(column, (left + centre - column.width // 2, top - pad - column.height))
 
     if cell >= MIN_CELL_FOR_COUNTS:
         count_font = _font(int(np.clip(cell * 0.35, 8, 14)))

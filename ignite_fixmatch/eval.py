@@ -248,8 +248,12 @@ def format_report(report: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m ignite_fixmatch.eval",
-        description="Evaluate a checkpoint on its data set's test split: top-1, top-5, loss and per-class accuracy. "
-        "Model and data are rebuilt from the config stored in the checkpoint.",
+        description="Evaluate a checkpoint on its data set's test split: top-1, top-5, loss, per-class accuracy and "
+        "expected calibration error. Model and data are rebuilt from the config stored in the checkpoint.",
+        epilog="examples:\n"
+        "  python -m ignite_fixmatch.eval runs/quickstart --reliability reliability.png\n"
+        "  python -m ignite_fixmatch.eval runs/x/checkpoints/checkpoint_1000.pt --model raw --data-root /new/place --json scores.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoint", help="a .pt file written by training, or a run folder (its newest checkpoint)")
     parser.add_argument("--data-root", help="where the data set is now (default: data.root of the checkpoint's config)")
