@@ -23,10 +23,10 @@ import torch
 from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torch.nn import functional as F
 
+from ignite_fixmatch.charts import reliability_image
 from ignite_fixmatch.datasets.source import ImageSource
 from ignite_fixmatch.errors import CheckpointError, ConfigError, DataError
 from ignite_fixmatch.output_files import write_atomically
@@ -144,64 +144,11 @@ class CalibrationError(Metric):
 
 # --------------------------------------------------------------------------- reliability diagram
 
-BAR, BAR_EDGE, GAP, DIAGONAL, AXIS, GRID = (70, 130, 180), (40, 80, 120), (220, 60, 60, 110), (110, 110, 110), (0, 0, 0), (228, 228, 228)
-
-
 def reliability_diagram(bins_stats: ReliabilityBins, path: str | Path, title: str = "reliability") -> Path:
-    """Draw accuracy per confidence bin (bars), the gap to the bin's mean confidence (shaded), the diagonal
-    of perfect calibration and each bin's image count, with the ECE in the title; write a PNG at ``path``
-    (a temporary file replaced into place: a failed write leaves whatever was there)."""
-    size, left, right, top, bottom = 440, 62, 22, 56, 70
-    image = Image.new("RGB", (left + size + right, top + size + bottom), "white")
-    draw = ImageDraw.Draw(image)
-    font, small = ImageFont.load_default(size=13), ImageFont.load_default(size=10)
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return left + x * size, top + (1 - y) * size
-
-    for t in (0.2, 0.4, 0.6, 0.8):
-        draw.line([px(t, 0), px(t, 1)], fill=GRID)
-        draw.line([px(0, t), px(1, t)], fill=GRID)
-    overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
-    shade = ImageDraw.Draw(overlay)
-    n = bins_stats.bins
-    for b, (count, conf, acc) in enumerate(zip(bins_stats.counts, bins_stats.confidence, bins_stats.accuracy)):
-        x0, x1 = b / n, (b + 1) / n
-        cx = px((x0 + x1) / 2, 0)[0]
-        draw.text((cx, top + size + 22), _short_count(count), fill=AXIS, font=small, anchor="mt")
-        if not count or conf is None or acc is None:
-            continue
-        draw.rectangle([px(x0, acc), px(x1, 0)], fill=BAR, outline=BAR_EDGE)
-        lo, hi = sorted((acc, conf))
-        shade.rectangle([px(x0, hi), px(x1, lo)], fill=GAP)
-    image.paste(Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB"))
-    draw = ImageDraw.Draw(image)
-    for i in range(0, 40, 2):  # dashed diagonal
-        draw.line([px(i / 40, i / 40), px((i + 1) / 40, (i + 1) / 40)], fill=DIAGONAL, width=2)
-    draw.rectangle([px(0, 1), px(1, 0)], outline=AXIS)
-    for t in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        draw.text((px(t, 0)[0], top + size + 5), f"{t:.1f}", fill=AXIS, font=small, anchor="mt")
-        draw.text((left - 5, px(0, t)[1]), f"{t:.1f}", fill=AXIS, font=small, anchor="rm")
-    draw.text((left - 5, top + size + 22), "n", fill=AXIS, font=small, anchor="rt")
-    draw.text((left + size / 2, top + size + 40), "confidence (max probability)", fill=AXIS, font=font, anchor="mt")
-    draw.text((left + size / 2, 14), f"{title}", fill=AXIS, font=font, anchor="mt")
-    draw.text((left + size / 2, 34), f"ECE ({n} bins): {100 * bins_stats.ece:.2f} %, {sum(bins_stats.counts)} images", fill=AXIS, font=font, anchor="mt")
-    label = Image.new("RGB", (120, 16), "white")
-    ImageDraw.Draw(label).text((60, 8), "accuracy", fill=AXIS, font=font, anchor="mm")
-    image.paste(label.rotate(90, expand=True), (8, int(top + size / 2 - 60)))
-    for i, (colour, text) in enumerate(((BAR, "accuracy"), ((235, 160, 160), "gap to mean confidence"), (DIAGONAL, "perfect calibration"))):
-        y = top + 8 + 16 * i
-        draw.rectangle([left + 8, y, left + 20, y + 10], fill=colour)
-        draw.text((left + 26, y + 5), text, fill=AXIS, font=small, anchor="lm")
+    """The reliability diagram (``charts.reliability_image``) as a PNG at ``path``, written whole or not at all."""
+    image = reliability_image(bins_stats.counts, bins_stats.confidence, bins_stats.accuracy, bins_stats.ece, title)
     write_atomically(Path(path), lambda tmp: image.save(tmp, format="PNG"))
     return Path(path)
-
-
-def _short_count(count: int) -> str:
-    """A bin's image count in at most 4 characters (the bins are 29 px wide)."""
-    if count < 10_000:
-        return str(count)
-    return f"{count / 1000:.0f}k" if count < 1_000_000 else f"{count / 1e6:.0f}M"
 
 
 # --------------------------------------------------------------------------- temperature scaling

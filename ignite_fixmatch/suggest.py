@@ -41,9 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ignite_fixmatch.augment import StrongView
+from ignite_fixmatch.charts import contact_sheet
 from ignite_fixmatch.data import build_data, save_split, sources_from_config, view_settings
 from ignite_fixmatch.datasets import DataError
 from ignite_fixmatch.datasets.folder import IMAGE_EXTENSIONS, is_image_name, scan_image_files
@@ -304,35 +305,6 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             writer.writerows(rows)
 
     write_atomically(path, write)
-
-
-def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str], columns: int = 8, min_side: int = 96) -> Image.Image:
-    """The images in order, scaled up (nearest) to at least ``min_side`` pixels, each with its caption below."""
-    h, w = images[0].shape[:2]
-    scale = max(1, -(-min_side // max(h, w)))
-    tile_w, tile_h, text_h, gap = w * scale, h * scale, 28, 4
-    cols = min(columns, len(images))
-    rows = -(-len(images) // cols)
-    sheet = Image.new("RGB", (cols * (tile_w + gap) + gap, rows * (tile_h + text_h + gap) + gap), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=11)
-    for k, (array, caption) in enumerate(zip(images, captions)):
-        x = gap + (k % cols) * (tile_w + gap)
-        y = gap + (k // cols) * (tile_h + text_h + gap)
-        img = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).convert("RGB")
-        sheet.paste(img.resize((tile_w, tile_h), Image.Resampling.NEAREST), (x, y))
-        for line_no, line in enumerate(caption.split("\n")[:2]):
-            draw.text((x + 1, y + tile_h + 1 + 13 * line_no), fit(draw, line, font, tile_w), fill=(0, 0, 0), font=font)
-    return sheet
-
-
-def fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    """``text`` cut (with an ellipsis) to ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
 
 
 def write_sheet(path: Path, scored: Scored, picks: np.ndarray, classes: Sequence[str]) -> None:
