@@ -58,22 +58,16 @@ class TensorBoard:
         trainer.add_event_handler(Events.COMPLETED, lambda _: self.logger.close())
 
     def _log_per_class(self, trainer: Engine) -> None:
+        from handlers.tracking import per_class_scalars
         from ignite_fixmatch.charts import confusion_matrix_image
 
         record, writer = trainer.state.evaluation, self.logger.writer
         step = record["iteration"]
+        for tag, value in per_class_scalars(record, names=record["classes"]).items():  # TensorBoard takes any class name
+            writer.add_scalar(tag, value, step)
         for model in (m for m in self.models if m in record):
-            for row in record[model]["per_class"]:
-                if row["top1"] is not None:
-                    writer.add_scalar(f"test_{model}/top1_per_class/{row['class']}", row["top1"] / 100.0, step)
             image = confusion_matrix_image(record[model]["confusion"], record["classes"])
             writer.add_image(f"test_{model}/confusion_matrix", image, step, dataformats="HWC")
-        pseudo = record["pseudo_labels"]
-        if pseudo["steps"]:  # none when the trainer's step does not report them
-            for name, count, top1 in zip(record["classes"], pseudo["counts"], pseudo["top1"]):
-                writer.add_scalar(f"pseudo_labels/count/{name}", count, step)
-                if top1 is not None:
-                    writer.add_scalar(f"pseudo_labels/top1/{name}", top1 / 100.0, step)
 
 
 def _log_train_scalars(engine: Engine, logger: TensorboardLogger, event_name: Any) -> None:

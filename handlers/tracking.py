@@ -79,18 +79,19 @@ def evaluated_models(record: Mapping[str, Any]) -> list[str]:
     return [k for k, v in record.items() if isinstance(v, Mapping) and "per_class" in v]
 
 
-def per_class_scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """One evaluation record as scalars, the names TensorBoard uses: ``test_<model>/top1_per_class/<class>``
-    (a fraction; a class without test images has none), ``pseudo_labels/count/<class>`` and
-    ``pseudo_labels/top1/<class>`` (where the true labels of the unlabeled images are known)."""
-    names = metric_names(record["classes"])
+def per_class_scalars(record: Mapping[str, Any], names: Sequence[str] | None = None) -> dict[str, float]:
+    """One evaluation record as scalars, for every tracker (TensorBoard included): ``test_<model>/top1_per_class/<class>``
+    (a fraction; a class without test images has none), ``pseudo_labels/count/<class>`` and ``pseudo_labels/top1/<class>``
+    (where the true labels of the unlabeled images are known; none for a window of no steps). ``names``: the
+    class names in the tags (default: :func:`metric_names`, which every tracker accepts; TensorBoard takes them as they are)."""
+    names = metric_names(record["classes"]) if names is None else names
     out: dict[str, float] = {}
     for model in evaluated_models(record):
         for name, row in zip(names, record[model]["per_class"]):
             if row["top1"] is not None:
                 out[f"test_{model}/top1_per_class/{name}"] = row["top1"] / 100.0
     pseudo = record.get("pseudo_labels")
-    if pseudo is not None:
+    if pseudo is not None and pseudo["steps"]:  # no steps: the trainer's step did not report them
         for name, count, top1 in zip(names, pseudo["counts"], pseudo["top1"]):
             out[f"pseudo_labels/count/{name}"] = float(count)
             if top1 is not None:

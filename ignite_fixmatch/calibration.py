@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from ignite_fixmatch.charts import reliability_image
 from ignite_fixmatch.datasets.source import ImageSource
-from ignite_fixmatch.errors import CheckpointError, ConfigError, DataError
+from ignite_fixmatch.errors import ConfigError, DataError
 from ignite_fixmatch.output_files import write_atomically
 
 if TYPE_CHECKING:
@@ -247,28 +247,17 @@ def calibration_logits(model: InferenceModel, where: str, data_root: str | None 
 
 def held_out_images(model: InferenceModel, data_root: str | None) -> tuple[ImageSource, np.ndarray, Tensor]:
     """The run's training images, the indices it held out (through the same ``build_data`` as training) and their labels."""
-    from ignite_fixmatch.data import build_data, sources_from_config
-    from ignite_fixmatch.eval import with_data_overrides
-
-    cfg = with_data_overrides(model.config, None, data_root)
-    if cfg.data.val_labels == 0:
+    if model.config.data.val_labels == 0:
         raise ConfigError(
             f"checkpoint {str(model.path)!r}: its run held out no labeled images (data.val_labels is 0), so there is "
             "no 'val' set to calibrate on. Give a labeled folder instead (--calibrate-on DIR with <class>/ sub-folders), "
             "or train with data.val_labels=K."
         )
-    try:
-        sources = sources_from_config(cfg)
-    except DataError as e:
-        where = "as given by --data-root" if data_root is not None else "from the checkpoint's config; if it moved, give --data-root PATH"
-        raise DataError(f"{e} (the run's training data, {where})") from None
-    if list(sources.classes) != list(model.classes):
-        raise CheckpointError(
-            f"the training data at {cfg.data.root!r} has other classes ({', '.join(sources.classes)}) than the checkpoint "
-            f"({', '.join(model.classes)}); point --data-root at the data the run was trained on."
-        )
-    held_out = build_data(cfg, sources).val_indices
-    return sources.train, held_out, torch.from_numpy(sources.train.targets[held_out]).long()
+    from ignite_fixmatch.inference import run_data  # inference imports eval, which imports this module
+
+    data = run_data(model, data_root)
+    train, held_out = data.sources.train, data.val_indices
+    return train, held_out, torch.from_numpy(train.targets[held_out]).long()
 
 
 def folder_images(model: InferenceModel, root: Path) -> tuple[ImageSource, np.ndarray, Tensor]:

@@ -11,19 +11,24 @@ needed. Checkpoints written before that fall back to rebuilding both from the ru
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ignite_fixmatch.augment.ops import normalize
 from ignite_fixmatch.config import Config
-from ignite_fixmatch.eval import MODEL_KEYS, build_loaded_model, load_test_data, open_checkpoint, resolve_device
+from ignite_fixmatch.datasets import DataError
+from ignite_fixmatch.eval import MODEL_KEYS, build_loaded_model, describe_data, load_test_data, open_checkpoint, resolve_device, with_data_overrides
 from ignite_fixmatch.preprocessing import Preprocessing
 from ignite_fixmatch.resume import CheckpointError
+
+if TYPE_CHECKING:
+    from ignite_fixmatch.data import FixMatchData
 
 
 @dataclass
@@ -86,6 +91,27 @@ def stored_classes_and_preprocessing(
             raise CheckpointError(f"checkpoint {str(path)!r}: its class names or preprocessing record is damaged ({e}).") from None
     sources = load_test_data(cfg, root_given=data_root is not None)
     return list(sources.classes), Preprocessing.from_sources(sources)
+
+
+def run_data(model: InferenceModel, data_root: str | None = None, **data_changes: Any) -> FixMatchData:
+    """The run's data as training built it (labeled split, held-out and unlabeled sets), from the checkpoint's
+    config (``data_root``: the data moved; ``data_changes``: other ``data.*`` values, e.g. ``skip_corrupt``).
+    Refused when the data set cannot be read, or when its classes are no longer the checkpoint's."""
+    from ignite_fixmatch.data import build_data, sources_from_config
+
+    cfg = with_data_overrides(model.config, None, data_root)
+    if data_changes:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data_changes))
+    try:
+        sources = sources_from_config(cfg)
+    except DataError as e:
+        raise DataError(f"{e} (the run's data set: {describe_data(cfg)}; if it moved, give --data-root PATH)") from None
+    if list(sources.classes) != list(model.classes):
+        raise DataError(
+            f"the run's data set ({describe_data(cfg)}) now has the classes {', '.join(sources.classes[:10])}, the checkpoint was trained on "
+            f"{', '.join(model.classes[:10])}; give --data-root with the data the run was trained on."
+        )
+    return build_data(cfg, sources)
 
 
 def load_for_inference(

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import os
 import random
 import sys
@@ -45,12 +44,12 @@ from PIL import Image
 
 from ignite_fixmatch.augment import StrongView
 from ignite_fixmatch.charts import contact_sheet
-from ignite_fixmatch.data import build_data, save_split, sources_from_config, view_settings
+from ignite_fixmatch.data import save_split, view_settings
 from ignite_fixmatch.datasets import DataError
 from ignite_fixmatch.datasets.folder import IMAGE_EXTENSIONS, is_image_name, scan_image_files
 from ignite_fixmatch.errors import error_line
 from ignite_fixmatch.eval import EXIT_USER_ERROR, MODEL_KEYS, USER_ERRORS, _non_negative, _positive, describe_data
-from ignite_fixmatch.inference import InferenceModel, load_for_inference
+from ignite_fixmatch.inference import InferenceModel, load_for_inference, run_data
 from ignite_fixmatch.output_files import check_output, write_atomically
 
 DUPLICATE = 1e-4  # normalised feature distance below which two images count as the same image
@@ -102,19 +101,9 @@ class Scored:
 def run_candidates(model: InferenceModel) -> tuple[list[Candidate], np.ndarray]:
     """The run's unlabeled images that are not labeled, and its labeled indices: the split rebuilt as training
     built it (labeled images are left out even when data.unlabeled_includes_labeled puts them in the stream)."""
-    cfg = model.config
     # Unreadable files raise (and are skipped with a warning) instead of being replaced by a neighbour.
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, skip_corrupt=False))
-    try:
-        sources = sources_from_config(cfg)
-    except DataError as e:
-        raise DataError(f"{e} (the run's data set: {describe_data(cfg)}; if it moved, give --data-root PATH)") from None
-    if list(sources.classes) != list(model.classes):
-        raise DataError(
-            f"the run's data set ({describe_data(cfg)}) now has the classes {', '.join(sources.classes[:10])}, the checkpoint was trained on "
-            f"{', '.join(model.classes[:10])}; give --data-root with the data the run was trained on, or --unlabeled DIR."
-        )
-    data = build_data(cfg, sources)
+    data = run_data(model, skip_corrupt=False)
+    sources = data.sources
     labeled = set(int(i) for i in data.labeled_indices)
     found = []
     for source, indices in data.unlabeled.parts:
