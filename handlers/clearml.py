@@ -53,7 +53,8 @@ class ClearML:
       ``confusion matrix`` (series ``test_<model>``, class names on both axes, rows true), the table
       ``per-class accuracy`` (series ``test_<model>``), and for the pseudo-labels since the previous
       evaluation the histogram ``pseudo-labels per class`` (series ``count``) and the table
-      ``pseudo-labels per class`` (series ``table``: count, correct, known, top-1 %).
+      ``pseudo-labels per class`` (series ``table``: count, correct, known, top-1 %); for a CTAugment run,
+      its learned policy: the table ``ctaugment policy`` (series ``probabilities``) and its heatmap (debug image).
     - ``sample_images`` debug images of unlabeled images, each as original | weak | strong.
     - At the end, the best checkpoint (``best_*.pt`` of the checkpoint handler) as the output model,
       if ``upload_best_model``; the file itself stays where it is.
@@ -105,9 +106,11 @@ class ClearML:
         from ignite.engine import Events
         from ignite.handlers.clearml_logger import ClearMLLogger
 
+        from handlers.tracking import run_policy
         from ignite_fixmatch.evaluation import on_evaluated
 
         self.ctx = ctx
+        self.policy = run_policy(ctx.data)
         self.task = self._open_task(ctx)
         self.offline_folder = Path(self.task.get_offline_mode_folder()) if self.task.is_offline() else None
         self.logger = ClearMLLogger()  # Ignite's logger reuses Task.current_task(), the task just opened
@@ -196,6 +199,8 @@ class ClearML:
             rows = [[r["class"], r["images"], r["correct"], _percent(r["top1"])] for r in record[model]["per_class"]]
             table = [["class", "images", "correct", "top-1 %"], *rows]
             report.report_table(title="per-class accuracy", series=f"test_{model}", iteration=step, table_plot=table)
+        if self.policy is not None:
+            self._report_policy(step)
         pseudo = record["pseudo_labels"]
         if not pseudo["steps"]:  # none when the trainer's step does not report them
             return
@@ -207,6 +212,15 @@ class ClearML:
         report.report_table(
             title="pseudo-labels per class", series="table", iteration=step, table_plot=[["class", "count", "correct", "known", "top-1 %"], *rows]
         )
+
+    def _report_policy(self, step: int) -> None:
+        """CTAugment's learned policy: the table ``ctaugment policy`` (rows: op parameters, columns: bins) and the
+        heatmap as the debug image ``ctaugment policy``."""
+        from handlers.tracking import policy_image, policy_table
+
+        report = self.logger.clearml_logger
+        report.report_table(title="ctaugment policy", series="probabilities", iteration=step, table_plot=policy_table(self.policy))
+        report.report_image(title="ctaugment policy", series="heatmap", iteration=step, image=np.asarray(policy_image(self.policy, step)))
 
     def _finish(self, trainer: Engine) -> None:
         if self._closed:

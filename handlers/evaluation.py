@@ -50,7 +50,8 @@ class Evaluation:
     Keeps the best top-1 (the reference's report) and the median of the last ``median_of`` evaluations
     (the official code's report) of the first model, and writes ``results.json`` after each evaluation:
     scalars for every evaluation (``history``), per-class results for the last one only, so it stays
-    small with 100 classes and long runs. Accuracies are in percent. Checkpointed (history, the last
+    small with 100 classes and long runs (a CTAugment run adds ``ctaugment``: its learned policy, each op
+    parameter's bin probabilities). Accuracies are in percent. Checkpointed (history, the last
     record and the pseudo-label counts not yet reported), so a resumed run reports what an uninterrupted
     one would.
 
@@ -81,11 +82,13 @@ class Evaluation:
         # the device, summed every iteration without a host read), and the iterations they cover.
         self.pseudo_window: list[torch.Tensor] | None = None
         self.pseudo_steps = 0
+        self.policy: Any = None  # CTAPolicy of a CTAugment run, set at attach
 
     def attach(self, ctx: Context) -> None:
         import torch
         from ignite.engine import Events
 
+        from handlers.tracking import run_policy
         from ignite_fixmatch.evaluation import EvaluationEvents, create_evaluator
         from ignite_fixmatch.trainer import PSEUDO_KEYS
 
@@ -93,6 +96,7 @@ class Evaluation:
             raise ValueError("evaluation: models includes 'ema' but the ema handler is not attached before it")
         cfg = ctx.config
         self.ctx = ctx
+        self.policy = run_policy(ctx.data)  # CTAugment's learned policy (None: RandAugment), in results.json
         sources = ctx.data.sources
         # Stand-ins for the data in tests may have no class names: their indices name them.
         self.classes = [str(c) for c in getattr(sources, "classes", range(sources.num_classes))]
@@ -185,6 +189,8 @@ class Evaluation:
             results["per_class"] = {m: r[m]["per_class"] for m in self.models}
             results["confusion"] = {m: r[m]["confusion"] for m in self.models}
             results["pseudo_labels"] = r["pseudo_labels"]
+        if self.policy is not None:  # CTAugment: each op parameter's bin probabilities now
+            results["ctaugment"] = self.policy.summary()
         return results
 
     def write_results(self) -> None:

@@ -22,9 +22,11 @@ from handlers.tracking import (
     finite,
     flat_config,
     per_class_scalars,
+    policy_image,
     read_results,
     require_package,
     result_scalars,
+    run_policy,
 )
 from ignite_fixmatch.config import dump_yaml
 from ignite_fixmatch.errors import ConfigError, Preempted, error_line
@@ -47,7 +49,9 @@ class MLflow:
       ``test_<model>/top1_per_class/<class>``, ``pseudo_labels/count/<class>``, ``pseudo_labels/top1/<class>``
       (class names reduced to letters, digits, ``_ - .``). Non-finite values are left out.
     - Artifacts: ``evaluation/iteration_<it>.json`` after each evaluation (class names, per-class rows,
-      confusion matrices with rows = true class, pseudo-label counts), ``results.json`` at the end.
+      confusion matrices with rows = true class, pseudo-label counts), ``results.json`` at the end; for a
+      CTAugment run, its learned policy after each evaluation: ``ctaugment/policy_iteration_<it>.png`` (the
+      heatmap) and ``.json`` (each op parameter's bin probabilities).
     - Status FINISHED, FAILED on an error, KILLED when preempted (the error goes on to the command line).
 
     ``tracking_uri``: null uses ``$MLFLOW_TRACKING_URI`` if set, else a file store in the run folder.
@@ -76,6 +80,7 @@ class MLflow:
         from ignite_fixmatch.evaluation import on_evaluated
 
         self.ctx = ctx
+        self.policy = run_policy(ctx.data)
         uri = self.uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (Path(ctx.output_dir) / "mlruns").as_uri()
         if _is_file_store(uri):
             os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # see the module's docstring
@@ -108,6 +113,9 @@ class MLflow:
         record = trainer.state.evaluation
         self.logger.log_metrics(per_class_scalars(record), step=record["iteration"])
         self.logger.log_dict(record, f"evaluation/iteration_{record['iteration']}.json")
+        if self.policy is not None:  # CTAugment's learned policy: its heatmap and its probabilities
+            self.logger.log_image(policy_image(self.policy, record["iteration"]), artifact_file=f"ctaugment/policy_iteration_{record['iteration']}.png")
+            self.logger.log_dict(self.policy.summary(), f"ctaugment/policy_iteration_{record['iteration']}.json")
 
     def _on_failure(self, error: BaseException) -> None:
         self._end("KILLED" if isinstance(error, Preempted) else "FAILED")

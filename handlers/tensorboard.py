@@ -23,7 +23,8 @@ class TensorBoard:
     After each evaluation (the evaluation handler's EVALUATED event): ``test_<model>/top1_per_class/<class>``
     (a fraction, like ``top1``; classes without test images are left out), the image
     ``test_<model>/confusion_matrix``, and for the pseudo-labels since the previous evaluation
-    ``pseudo_labels/count/<class>`` and ``pseudo_labels/top1/<class>`` (where true labels are known)."""
+    ``pseudo_labels/count/<class>`` and ``pseudo_labels/top1/<class>`` (where true labels are known); for a
+    CTAugment run, the learned policy as the image ``ctaugment/policy``."""
 
     rank_zero_only = True
     uses = ("evaluators",)
@@ -39,8 +40,10 @@ class TensorBoard:
         from ignite.engine import Events
         from ignite.handlers.tensorboard_logger import GradsScalarHandler, OutputHandler, TensorboardLogger
 
+        from handlers.tracking import run_policy
         from ignite_fixmatch.evaluation import on_evaluated
 
+        self.policy = run_policy(ctx.data)
         self.logger = TensorboardLogger(log_dir=str(Path(ctx.output_dir) / self.log_dir))
         trainer = ctx.trainer
         every_iterations(trainer, self.every, lambda engine: _log_train_scalars(engine, self.logger, Events.ITERATION_COMPLETED))
@@ -58,7 +61,9 @@ class TensorBoard:
         trainer.add_event_handler(Events.COMPLETED, lambda _: self.logger.close())
 
     def _log_per_class(self, trainer: Engine) -> None:
-        from handlers.tracking import per_class_scalars
+        import numpy as np
+
+        from handlers.tracking import POLICY_TAG, per_class_scalars, policy_image
         from ignite_fixmatch.charts import confusion_matrix_image
 
         record, writer = trainer.state.evaluation, self.logger.writer
@@ -68,6 +73,8 @@ class TensorBoard:
         for model in (m for m in self.models if m in record):
             image = confusion_matrix_image(record[model]["confusion"], record["classes"])
             writer.add_image(f"test_{model}/confusion_matrix", image, step, dataformats="HWC")
+        if self.policy is not None:  # CTAugment: its learned policy at this evaluation
+            writer.add_image(POLICY_TAG, np.asarray(policy_image(self.policy, step)), step, dataformats="HWC")
 
 
 def _log_train_scalars(engine: Engine, logger: TensorboardLogger, event_name: Any) -> None:

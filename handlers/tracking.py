@@ -19,6 +19,7 @@ from ignite_fixmatch.resume_policy import flatten
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
+    from PIL import Image
 
 EVAL_METRICS = ("top1", "top5", "loss")
 RESULT_SCALARS = ("top1", "top5", "loss", "best_top1", "median20_top1")  # results.json's scalars, as logged at the end
@@ -107,3 +108,32 @@ def read_results(output_dir: Path) -> dict[str, Any] | None:
 
 def result_scalars(results: Mapping[str, Any]) -> dict[str, float]:
     return finite({f"results/{k}": results[k] for k in RESULT_SCALARS if isinstance(results.get(k), (int, float))})
+
+
+# --------------------------------------------------------------------------- CTAugment's learned policy, for every tracker
+
+POLICY_TAG = "ctaugment/policy"  # TensorBoard's image tag; the other trackers' name for it too
+
+
+def run_policy(data: Any) -> Any | None:
+    """The run's CTAugment policy (``CTAPolicy``), or None for a RandAugment run (or data stand-ins in tests).
+    Imported here, at attach time: the ctaugment module imports torch."""
+    from ignite_fixmatch.augment.ctaugment import policy_of
+
+    return policy_of(data)
+
+
+def policy_image(policy: Any, iteration: int) -> Image.Image:
+    """The policy as a heatmap (charts.policy_heatmap): one row per op parameter, one cell per bin."""
+    from ignite_fixmatch.charts import policy_heatmap
+
+    names, grid = policy.grid()
+    return policy_heatmap(names, grid, title=f"CTAugment policy, iteration {iteration}")
+
+
+def policy_table(policy: Any) -> list[list[Any]]:
+    """The policy as a table (header first): one row per op parameter, its name then each bin's probability
+    (6 digits, as in results.json; None past the parameter's bins)."""
+    names, grid = policy.grid()
+    header = ["parameter", *(f"bin {b}" for b in range(grid.shape[1]))]
+    return [header, *([name, *(None if math.isnan(v) else round(float(v), 6) for v in row)] for name, row in zip(names, grid))]

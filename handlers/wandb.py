@@ -17,15 +17,19 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 from handlers.tracking import (
+    POLICY_TAG,
     check_every,
     check_name,
     eval_scalars,
     evaluated_models,
     finite,
     per_class_scalars,
+    policy_image,
+    policy_table,
     read_results,
     require_package,
     result_scalars,
+    run_policy,
 )
 from ignite_fixmatch.config import to_dict
 from ignite_fixmatch.errors import ConfigError, error_line, exit_code_of
@@ -49,7 +53,9 @@ class WandB:
       ``test_<model>/top1_per_class/<class>``, ``pseudo_labels/count/<class>``, ``pseudo_labels/top1/<class>``
       (class names reduced to letters, digits, ``_ - .``), tables ``test_<model>/per_class`` (class,
       images, correct, top1 %) and ``pseudo_labels/per_class`` (class, count, correct, known, top1 %), and
-      ``test_<model>/confusion_matrix`` as W&B's confusion-matrix chart. Non-finite values are left out.
+      ``test_<model>/confusion_matrix`` as W&B's confusion-matrix chart; for a CTAugment run, its learned
+      policy as the image ``ctaugment/policy`` and the table ``ctaugment/policy_table`` (rows: op parameters,
+      columns: bins). Non-finite values are left out.
     - At the end: ``results.json`` saved with the run and its scalars in the summary (``results/top1``,
       ``results/best_top1``...); the run's exit code is the command line's (0, 1, 3 diverged, 75 preempted).
 
@@ -90,6 +96,7 @@ class WandB:
         from ignite_fixmatch.evaluation import on_evaluated
 
         self.ctx = ctx
+        self.policy = run_policy(ctx.data)
         self.logger = self._open(ctx)
         self.run = wandb.run  # the run wandb.init just started (Ignite's logger keeps the module, not the run)
         if self.run.offline:
@@ -158,6 +165,10 @@ class WandB:
                 columns=["class", "count", "correct", "known", "top1"],
                 data=[[c, n, k, m, t] for c, n, k, m, t in zip(classes, pseudo["counts"], pseudo["correct"], pseudo["known"], pseudo["top1"])],
             )
+        if self.policy is not None:  # CTAugment's learned policy: its heatmap and its table
+            header, *rows = policy_table(self.policy)
+            data[POLICY_TAG] = wandb.Image(policy_image(self.policy, record["iteration"]))
+            data[f"{POLICY_TAG}_table"] = wandb.Table(columns=header, data=rows)
         self.logger.log(data, step=record["iteration"])
 
     def _on_failure(self, error: BaseException) -> None:

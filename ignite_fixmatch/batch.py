@@ -8,7 +8,7 @@ training device by ``BatchedAugment``.
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from torch import Tensor
 
@@ -20,6 +20,10 @@ class TrainBatch(TypedDict):
     u_s: Tensor  # the same images, strong view
     u_y: Tensor  # their true labels where known (benchmark data), else -1: only for the pseudo_acc metric
     u_idx: Tensor  # their indices into the unlabeled set, in [0, number of unlabeled images)
+    # CTAugment only (augment/ctaugment.py): the labeled images' probe views and the ops and values they used
+    probe: NotRequired[Tensor]
+    probe_ids: NotRequired[Tensor]
+    probe_args: NotRequired[Tensor]
 
 
 class DrawnBatch(TypedDict):
@@ -31,3 +35,4 @@ class DrawnBatch(TypedDict):
     u_strong: Tensor  # their strong-view draws
     u_y: Tensor
     u_idx: Tensor
+    x_probe: NotRequired[Tensor]  # CTAugment only: the labeled images' probe draws

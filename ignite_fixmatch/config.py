@@ -56,7 +56,9 @@ class DataConfig:
     mu: int = 7  # unlabeled images per labeled image
     eval_batch_size: int = 1024  # over all processes
     num_workers: int = 4  # data-loading processes per training process
-    randaugment: Literal["reference", "official"] = "reference"
+    # The strong augmentation: RandAugment as in the reference PyTorch code or the official one, or the paper's
+    # CTAugment (learned magnitudes; see augment/ctaugment.py), which forces the loaders to carry draws (any augment).
+    randaugment: Literal["reference", "official", "ctaugment"] = "reference"
     # pil: per-image PIL augmentation in the loader workers. batched: the loaders carry uint8 images
     # and the same per-sample draws; the trainer augments the whole batch on its device (CPU or GPU).
     # device: the whole data set sits on the training device as uint8; each step gathers its images
@@ -81,6 +83,14 @@ class DataConfig:
     # the training pool outside the labeled split; saved as val_indices.txt, to calibrate on
     # (`export --calibrate-on val`). 0: none, and the split and streams are those of a run without the key.
     val_labels: int = 0
+    # Long-tailed unlabeled set: class c (class-index order, class 0 the head) keeps floor(n_max * r ** (-c / (C - 1)))
+    # of its training images in the unlabeled stream, the tail n_max / r (ignite_fixmatch/long_tail.py). Labeled images
+    # in the pool are kept first and count toward their class's share. 1: balanced, the split and streams of a run
+    # without the key (no draw); 10 or 100: the long-tailed CIFAR benchmarks. data.unlabeled_dir images are untouched.
+    imbalance_ratio: float = 1.0
+    # The labeled split follows the same profile (num_labels over the classes proportionally, at least 1 each)
+    # instead of num_labels / C per class. Needs data.imbalance_ratio > 1; not with data.labels_file.
+    imbalance_labeled: bool = False
 
 
 @dataclass
@@ -337,7 +347,8 @@ def validate(cfg: Config) -> Config:
     require(0 <= cfg.seed < 2**32, "seed", cfg.seed, "an integer in [0, 2^32)")
     require(d.num_labels == -1 or d.num_labels > 0, "data.num_labels", d.num_labels, "a positive integer or -1 (all)")
     n_cls = KNOWN_NUM_CLASSES.get(d.name)
-    if n_cls and d.num_labels > 0 and d.labels_file is None:  # with labels_file the file decides (data.read_labels_file)
+    # with labels_file the file decides (data.read_labels_file); with imbalance_labeled the profile (long_tail.labeled_counts)
+    if n_cls and d.num_labels > 0 and d.labels_file is None and not d.imbalance_labeled:
         require(
             d.num_labels % n_cls == 0,
             "data.num_labels",
@@ -361,6 +372,13 @@ def validate(cfg: Config) -> Config:
     require(d.unlabeled_dir is None or d.name == "folder", "data.unlabeled_dir", d.unlabeled_dir, "null unless data.name is 'folder'")
     require(d.split_seed is None or 0 <= d.split_seed < 2**32, "data.split_seed", d.split_seed, "null or an integer in [0, 2^32)")
     require(0 <= d.val_labels <= 2**20, "data.val_labels", d.val_labels, "an integer in [0, 2^20] (held-out labeled images per class)")
+    require(1.0 <= d.imbalance_ratio <= 2**20, "data.imbalance_ratio", d.imbalance_ratio, "a number in [1, 2^20] (1 for balanced; 10 or 100 for a long tail)")
+    if d.imbalance_labeled:
+        require(d.imbalance_ratio > 1, "data.imbalance_labeled", True, "false unless data.imbalance_ratio > 1 (the labeled profile is the unlabeled one)")
+        require(d.labels_file is None, "data.imbalance_labeled", True, "false when data.labels_file is set (the file decides the labeled set)")
+        require(d.num_labels > 0, "data.imbalance_labeled", True, "false when data.num_labels is -1 (everything is labeled: nothing to distribute)")
+        if n_cls:
+            require(d.num_labels >= n_cls, "data.num_labels", d.num_labels, f"at least one per class ({n_cls} for {d.name}) with data.imbalance_labeled")
     require(10 <= m.depth <= 1000 and (m.depth - 4) % 6 == 0, "model.depth", m.depth, "6n+4 with n >= 1 (10, 16, 22, 28, ...), at most 1000")
     require(1 <= m.widen_factor <= 64, "model.widen_factor", m.widen_factor, "an integer in [1, 64]")
     require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a number in [0, 1)")

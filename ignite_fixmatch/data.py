@@ -13,6 +13,7 @@ Randomness that survives resume and any number of workers or processes:
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing.util  # noqa: F401  (imported before atexit.register below, so our hook runs before its exit hook)
 import random
 import weakref
@@ -27,15 +28,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ignite_fixmatch.augment import StrongView, WeakView
+from ignite_fixmatch.augment.ctaugment import CTAPolicy, CTAugmentViews
 from ignite_fixmatch.augment.views import BatchedAugment, collate_columns
 from ignite_fixmatch.batch import DrawnBatch, TrainBatch
 from ignite_fixmatch.config import Config, ConfigError
 from ignite_fixmatch.datasets import DataSources, ImageSource, build_sources, dataset_spec
+from ignite_fixmatch.long_tail import labeled_counts, largest_ratio, unlabeled_counts
 from ignite_fixmatch.preemption import ignore_stop_signals
 
 LABELED, UNLABELED, EVAL = 0, 1, 2  # stream ids: part of every seed so the streams are independent
 HELD_OUT = 3  # seed part of the data.val_labels split (after the labeled split, from its own generator)
+LONG_TAIL = 4  # seed part of the data.imbalance_ratio draw (after the labeled and held-out splits, from its own generator)
 PAD_FRACTION = 0.125  # 4 px of 32 (CIFAR), 12 px of 96 (STL-10)
+
+logger = logging.getLogger(__name__)
+
+
+def _class_name(c: int, classes: list[str] | None) -> str:
+    return repr(classes[c] if classes is not None and c < len(classes) else c)
 
 
 def split_labeled(
@@ -91,6 +101,66 @@ def split_held_out(
             )
         chosen.append(rng.choice(pool, per_class, replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def split_labeled_long_tailed(
+    targets: np.ndarray, num_labels: int, num_classes: int, ratio: float, seed: int, classes: list[str] | None = None
+) -> np.ndarray:
+    """``data.imbalance_labeled``: ``num_labels`` images over the classes by the long-tailed profile
+    (``long_tail.labeled_counts``), drawn as :func:`split_labeled` draws (its generator, class by class)."""
+    targets = np.asarray(targets)
+    if num_labels < num_classes:
+        raise ConfigError(
+            f"config key 'data.num_labels': got {num_labels}, expected at least one per class ({num_classes}) with data.imbalance_labeled."
+        )
+    counts = labeled_counts(num_labels, num_classes, ratio)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c, k in enumerate(counts):
+        pool = np.flatnonzero(targets == c)
+        if len(pool) < k:
+            raise ConfigError(
+                f"config key 'data.num_labels': got {num_labels}, whose long-tailed split (data.imbalance_labeled) needs {k} images of class "
+                f"{_class_name(c, classes)} but the training set has {len(pool)}; lower data.num_labels or data.imbalance_ratio."
+            )
+        chosen.append(rng.choice(pool, k, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def long_tailed_pool(
+    targets: np.ndarray, pool: np.ndarray, labeled: np.ndarray, ratio: float, num_classes: int, seed: int, classes: list[str] | None = None
+) -> np.ndarray:
+    """``data.imbalance_ratio`` > 1: the training indices ``pool`` of the unlabeled stream cut to the long-tailed
+    profile (``long_tail.unlabeled_counts`` of each class's share of ``pool``). Labeled images in ``pool`` are kept
+    first and count toward their class's n_c (every one is kept, even past n_c: logged); the rest of n_c is drawn by a
+    generator of its own (split seed, LONG_TAIL), so the labeled and held-out splits are those of a balanced run."""
+    targets = np.asarray(targets)
+    members = [pool[targets[pool] == c] for c in range(num_classes)]
+    sizes = [len(m) for m in members]
+    if 0 in sizes:
+        raise ConfigError(
+            f"config key 'data.imbalance_ratio': class {_class_name(sizes.index(0), classes)} has no training image left for the unlabeled "
+            "stream (all labeled or held out), so no long tail can keep one; set data.unlabeled_includes_labeled=true, lower data.val_labels, or add images."
+        )
+    counts = unlabeled_counts(sizes, ratio)
+    if 0 in counts:
+        raise ConfigError(
+            f"config key 'data.imbalance_ratio': got {ratio:g}, which leaves class {_class_name(counts.index(0), classes)} no unlabeled image "
+            f"(its share of a head of {counts[0]} images is under 1); the largest ratio that works on this data is {largest_ratio(sizes)}."
+        )
+    rng = np.random.default_rng(hash_seed(seed, LONG_TAIL))
+    kept = []
+    for c, (m, n_c) in enumerate(zip(members, counts)):
+        first = np.intersect1d(m, labeled)
+        if len(first) > n_c:
+            logger.info(
+                "data.imbalance_ratio: class %s keeps all its %d labeled images in the unlabeled stream, over its long-tail share of %d",
+                _class_name(c, classes), len(first), n_c,
+            )
+        kept.append(first)
+        if n_c > len(first):
+            kept.append(rng.choice(np.setdiff1d(m, first), n_c - len(first), replace=False))
+    return np.sort(np.concatenate(kept)).astype(np.int64)
 
 
 def pass_permutation(n: int, seed: int, stream: int, epoch: int) -> torch.Tensor:
@@ -229,10 +299,10 @@ class FixMatchData:
     labeled_indices: np.ndarray
     unlabeled: Any  # ImageSource-like: len, load, targets
     weak: WeakView
-    strong: StrongView
+    strong: StrongView | CTAugmentViews  # .augment(img, rng): one image's strong view
     augment: str = "pil"  # data.augment resolved: "pil", "batched" or "device"
-    # batched and device: the trainer's batch_transform (the views made on the training device)
-    batched: BatchedAugment | None = None
+    # batched and device (and CTAugment on every path): the trainer's batch_transform (the views made on the training device)
+    batched: BatchedAugment | CTAugmentViews | None = None
     # data.val_labels: training images held out of both streams (to calibrate on); empty when 0
     val_indices: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
@@ -316,6 +386,10 @@ def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
     split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
     if cfg.data.labels_file is not None:
         labeled = read_labels_file(cfg.data.labels_file, len(sources.train))
+    elif cfg.data.imbalance_labeled:
+        labeled = split_labeled_long_tailed(
+            sources.train.targets, cfg.data.num_labels, sources.num_classes, cfg.data.imbalance_ratio, split_seed, sources.classes
+        )
     else:
         labeled = split_labeled(sources.train.targets, cfg.data.num_labels, sources.num_classes, split_seed, sources.classes)
     if cfg.data.batch_size > len(labeled) and not cfg.data.allow_labeled_repeats:
@@ -331,6 +405,9 @@ def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
         parts.append((sources.train, np.setdiff1d(np.arange(len(sources.train)), labeled)))
     if len(held_out):  # data.val_labels > 0 only: without it the pool is exactly as before
         parts[0] = (sources.train, np.setdiff1d(parts[0][1], held_out).astype(np.int64))
+    if cfg.data.imbalance_ratio > 1:  # 1: the pool exactly as before, no draw
+        kept = long_tailed_pool(sources.train.targets, parts[0][1], labeled, cfg.data.imbalance_ratio, sources.num_classes, split_seed, sources.classes)
+        parts[0] = (sources.train, kept)
     if sources.unlabeled is not None:
         parts.append((sources.unlabeled, np.arange(len(sources.unlabeled), dtype=np.int64)))
     unlabeled = ConcatSource([p for p in parts if len(p[1])])
@@ -338,9 +415,12 @@ def build_data(cfg: Config, sources: DataSources) -> FixMatchData:
         raise ConfigError("there are no unlabeled images: set data.unlabeled_includes_labeled=true or give data.unlabeled_dir.")
     settings = view_settings(cfg, sources)
     weak = WeakView(**settings)
-    strong = StrongView(cfg.data.randaugment, **settings)
     device = idist.device()
     augment = resolve_augment(cfg.data.augment, device, lambda: fits_on_device(sources, unlabeled, device))
+    if cfg.data.randaugment == "ctaugment":  # magnitudes from this step's weights: the loaders carry draws on every path
+        cta = CTAugmentViews(CTAPolicy(), channels_last=cfg.model.channels_last, with_pil=augment == "pil", **settings)
+        return FixMatchData(sources, labeled, unlabeled, weak, cta, augment, cta, val_indices=held_out)
+    strong = StrongView(cfg.data.randaugment, **settings)
     batched = None
     if augment != "pil":
         batched = BatchedAugment(cfg.data.randaugment, channels_last=cfg.model.channels_last, **settings)
@@ -354,6 +434,18 @@ def sources_from_config(cfg: Config, *, with_unlabeled: bool = True) -> DataSour
         d.name, d.root, download=d.download, image_size=d.image_size, channels=d.channels,
         unlabeled_dir=d.unlabeled_dir if with_unlabeled else None, skip_corrupt=d.skip_corrupt,
     )
+
+
+def class_counts(data: FixMatchData) -> dict[str, Any]:
+    """Images per class of the labeled and unlabeled sets (unlabeled_dir images, without a class, counted apart):
+    logged by every run, and saved as class_counts.json by a long-tailed one."""
+    n, u = data.sources.num_classes, data.unlabeled.targets
+    return {
+        "classes": list(data.sources.classes),
+        "labeled": np.bincount(data.sources.train.targets[data.labeled_indices], minlength=n).tolist(),
+        "unlabeled": np.bincount(u[u >= 0], minlength=n).tolist(),
+        "unlabeled_without_class": int(np.sum(u < 0)),
+    }
 
 
 def save_split(path: Path, indices: np.ndarray) -> None:

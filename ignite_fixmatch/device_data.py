@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ignite_fixmatch.augment.ctaugment import CTAugmentViews
 from ignite_fixmatch.augment.views import BatchedAugment
 from ignite_fixmatch.batch import DrawnBatch
 from ignite_fixmatch.data import LABELED, UNLABELED, FixMatchData, ShardedEvalSampler, hash_seed, pass_permutation, uint8_images
@@ -81,7 +82,7 @@ class DeviceResidentStream:
     ) -> None:
         if data.batched is None:
             raise ValueError("DeviceResidentStream needs data.batched (the views that augment on the device)")
-        self.augment: BatchedAugment = data.batched
+        self.augment: BatchedAugment | CTAugmentViews = data.batched
         self.batch_size, self.mu, self.seed = batch_size, mu, seed
         self.rank, self.world_size, self.device = rank, world_size, device
         self.start_iteration = start_iteration
@@ -115,10 +116,15 @@ class DeviceResidentStream:
         u, u_y = self.unlabeled.gather(u_idx)
         self.generator.manual_seed(hash_seed(self.seed, LABELED, b, DRAWS))
         x_weak = self._draws(weak, b_l)
+        probe = self.augment.probe if isinstance(self.augment, CTAugmentViews) else None
+        x_probe = None if probe is None else self._draws(probe, b_l)  # after the weak draws: those stay as without it
         self.generator.manual_seed(hash_seed(self.seed, UNLABELED, b, DRAWS))
         u_weak = self._draws(weak, b_u)
         u_strong = self._draws(strong, b_u)
-        return DrawnBatch(x=x, x_weak=x_weak, y=y, u=u, u_weak=u_weak, u_strong=u_strong, u_y=u_y, u_idx=u_idx)
+        batch = DrawnBatch(x=x, x_weak=x_weak, y=y, u=u, u_weak=u_weak, u_strong=u_strong, u_y=u_y, u_idx=u_idx)
+        if x_probe is not None:
+            batch["x_probe"] = x_probe
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         b = self.start_iteration()

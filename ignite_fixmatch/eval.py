@@ -3,7 +3,9 @@
 Every checkpoint carries the resolved config of its run, so the model and the test data (with the
 same normalisation) are rebuilt exactly as training built them, and no YAML file is needed. Prints
 top-1, top-5, loss, expected calibration error (15 bins) and per-class accuracy; ``--json OUT.json``
-writes them too, ``--reliability OUT.png`` draws the reliability diagram. CPU or one GPU.
+writes them too, ``--reliability OUT.png`` draws the reliability diagram. For a run with
+``data.randaugment: ctaugment`` it also prints the learned CTAugment policy (each op parameter's bin
+probabilities, also in the JSON), and ``--policy OUT.png`` draws it as a heatmap. CPU or one GPU.
 
     python -m ignite_fixmatch.eval runs/cifar10_4000/checkpoints/checkpoint_1048576.pt
     python -m ignite_fixmatch.eval runs/cifar10_4000 --model raw --device cpu --json scores.json
@@ -25,7 +27,9 @@ from typing import Any
 
 import torch
 
+from ignite_fixmatch.augment.ctaugment import CTAPolicy
 from ignite_fixmatch.calibration import BINS, CalibrationError, ReliabilityBins, reliability_diagram
+from ignite_fixmatch.charts import policy_heatmap
 from ignite_fixmatch.config import DATASETS, Config, ConfigError, from_dict
 from ignite_fixmatch.data import build_eval_loader, sources_from_config
 from ignite_fixmatch.datasets import DataError, DataSources, dataset_spec
@@ -93,6 +97,30 @@ def choose_model(ckpt: Mapping[str, Any], requested: str | None, path: Path) -> 
         hint = " (the run had no ema handler); use --model raw" if requested == "ema" else ""
         raise CheckpointError(f"checkpoint {str(path)!r} holds no {requested} model{hint}.")
     return requested
+
+
+def checkpoint_policy(state: Any, path: Path) -> CTAPolicy | None:
+    """The learned CTAugment policy of a checkpoint's ``"ctaugment"`` entry (its state dict: ``{"weights": tensor}``),
+    in a fresh :class:`CTAPolicy`; None when there is none (a RandAugment run)."""
+    if state is None:
+        return None
+    policy = CTAPolicy()
+    weights = state.get("weights") if isinstance(state, Mapping) else None
+    expected = tuple(policy.weights.shape)
+    if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != expected or not bool(torch.isfinite(weights).all()):
+        found = f"a tensor of shape {tuple(weights.shape)}" if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: its CTAugment policy ('ctaugment' entry) is damaged: expected {expected[0]} finite bin weights, "
+            f"found {found}. Use another checkpoint of the run."
+        )
+    policy.load_state_dict({"weights": weights.to(torch.float64)})
+    return policy
+
+
+def format_policy(policy: CTAPolicy) -> str:
+    """The learned policy after the metrics: CTAPolicy.table(), indented, under a line that says how to read it."""
+    table = "\n".join("  " + line for line in policy.table().splitlines())
+    return "CTAugment policy (probability of drawing each magnitude bin, low to high, per op parameter):\n" + table
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,8 +215,18 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Score one checkpoint on its data set's test split. Accuracies in percent, as in results.json."""
     path, ckpt, cfg, which = open_checkpoint(checkpoint, data, data_root, model)
+    return score_checkpoint(path, ckpt, cfg, which, batch_size=batch_size, device=device, num_workers=num_workers, root_given=data_root is not None)
+
+
+def score_checkpoint(
+    path: Path, ckpt: Mapping[str, Any], cfg: Config, which: str, *,
+    batch_size: int | None = None, device: str = "auto", num_workers: int | None = None, root_given: bool = False,
+) -> dict[str, Any]:
+    """evaluate_checkpoint on a checkpoint already opened (open_checkpoint). A CTAugment run's report also holds
+    its learned policy (``ctaugment``: each op parameter's bin probabilities, as in results.json)."""
+    policy = checkpoint_policy(ckpt.get("ctaugment"), path)
     dev = resolve_device(device)
-    sources = load_test_data(cfg, root_given=data_root is not None)
+    sources = load_test_data(cfg, root_given=root_given)
     net = build_loaded_model(cfg, sources.classes, sources.channels, ckpt[MODEL_KEYS[which]], path, which).to(dev)
 
     loader = build_eval_loader(
@@ -205,7 +243,7 @@ def evaluate_checkpoint(
     calibration.attach(evaluator, "ece")
     metrics = evaluator.run(loader).metrics
     trainer_state = ckpt.get("trainer")
-    return {
+    report = {
         "checkpoint": str(path),
         "iteration": trainer_state.get("iteration") if isinstance(trainer_state, Mapping) else None,
         "model": which,
@@ -219,6 +257,9 @@ def evaluate_checkpoint(
         "reliability": calibration.reliability.to_dict(),
         "per_class": per_class_rows(metrics["confusion"].cpu(), sources.classes),
     }
+    if policy is not None:
+        report["ctaugment"] = policy.summary()
+    return report
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -252,6 +293,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "expected calibration error. Model and data are rebuilt from the config stored in the checkpoint.",
         epilog="examples:\n"
         "  python -m ignite_fixmatch.eval runs/quickstart --reliability reliability.png\n"
+        "  python -m ignite_fixmatch.eval runs/cta --policy policy.png   (a run with data.randaugment=ctaugment)\n"
         "  python -m ignite_fixmatch.eval runs/x/checkpoints/checkpoint_1000.pt --model raw --data-root /new/place --json scores.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -264,6 +306,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available, else cpu")
     parser.add_argument("--json", type=Path, help="also write the scores to this JSON file")
     parser.add_argument("--reliability", type=Path, metavar="OUT.png", help="also draw the reliability diagram (accuracy per confidence bin) as a PNG")
+    parser.add_argument(
+        "--policy", type=Path, metavar="OUT.png", help="also draw the learned CTAugment policy as a heatmap (runs with data.randaugment=ctaugment)"
+    )
     return parser.parse_args(argv)
 
 
@@ -291,14 +336,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_output(args.json, "--json", overwrite=True)
         if args.reliability is not None:
             check_output(args.reliability, "--reliability", overwrite=True)
-        report = evaluate_checkpoint(
-            args.checkpoint, data=args.data, data_root=args.data_root, model=args.model,
-            batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
+        if args.policy is not None:
+            check_output(args.policy, "--policy", overwrite=True)
+        path, ckpt, cfg, which = open_checkpoint(args.checkpoint, args.data, args.data_root, args.model)
+        policy = checkpoint_policy(ckpt.get("ctaugment"), path)
+        if args.policy is not None and policy is None:
+            raise EvalError(
+                f"--policy: checkpoint {str(path)!r} has no learned augmentation policy: its run used RandAugment "
+                f"(data.randaugment={cfg.data.randaugment}); only data.randaugment=ctaugment learns one. Drop --policy."
+            )
+        report = score_checkpoint(
+            path, ckpt, cfg, which, batch_size=args.batch_size, device=args.device, num_workers=args.num_workers, root_given=args.data_root is not None
         )
     except USER_ERRORS as e:
         print("error: " + error_line(e), file=sys.stderr)
         return EXIT_USER_ERROR
     print(format_report(report))
+    if policy is not None:
+        print(format_policy(policy))
     if args.json is not None:
         try:
             write_atomically(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
@@ -313,6 +368,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --reliability: cannot write {str(args.reliability)!r}: {e.strerror or e}", file=sys.stderr)
             return EXIT_USER_ERROR
         print(f"reliability diagram: {args.reliability}")
+    if args.policy is not None:
+        iteration = f", iteration {report['iteration']}" if report["iteration"] is not None else ""
+        image = policy_heatmap(*policy.grid(), title=f"CTAugment policy: {Path(report['checkpoint']).name}{iteration}")
+        try:
+            write_atomically(args.policy, lambda tmp: image.save(tmp, format="PNG"))
+        except OSError as e:
+            print(f"error: --policy: cannot write {str(args.policy)!r}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"CTAugment policy heatmap: {args.policy}")
     return 0
 
 

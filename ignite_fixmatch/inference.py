@@ -23,11 +23,21 @@ from torch import Tensor, nn
 from ignite_fixmatch.augment.ops import normalize
 from ignite_fixmatch.config import Config
 from ignite_fixmatch.datasets import DataError
-from ignite_fixmatch.eval import MODEL_KEYS, build_loaded_model, describe_data, load_test_data, open_checkpoint, resolve_device, with_data_overrides
+from ignite_fixmatch.eval import (
+    MODEL_KEYS,
+    build_loaded_model,
+    checkpoint_policy,
+    describe_data,
+    load_test_data,
+    open_checkpoint,
+    resolve_device,
+    with_data_overrides,
+)
 from ignite_fixmatch.preprocessing import Preprocessing
 from ignite_fixmatch.resume import CheckpointError
 
 if TYPE_CHECKING:
+    from ignite_fixmatch.augment.ctaugment import CTAPolicy
     from ignite_fixmatch.data import FixMatchData
 
 
@@ -36,6 +46,7 @@ class InferenceModel:
     """A network in eval mode on ``device`` with what it needs to turn uint8 images into class probabilities.
 
     ``temperature`` divides the logits before the softmax (1: as trained; a calibrated model stores its own).
+    ``ctaugment``: the run's learned CTAugment policy as saved in the checkpoint (None: a RandAugment run).
     """
 
     model: nn.Module
@@ -47,6 +58,7 @@ class InferenceModel:
     iteration: int | None
     device: torch.device
     temperature: float = 1.0
+    ctaugment: CTAPolicy | None = None
 
     @torch.no_grad()
     def logits(self, images: Tensor) -> Tensor:
@@ -125,4 +137,5 @@ def load_for_inference(
     net = net.to(dev, memory_format=torch.contiguous_format).eval()
     trainer_state = ckpt.get("trainer")
     iteration = trainer_state.get("iteration") if isinstance(trainer_state, Mapping) else None
-    return InferenceModel(net, classes, prep, which, cfg, path, iteration, dev)
+    policy = checkpoint_policy(ckpt.get("ctaugment"), path)
+    return InferenceModel(net, classes, prep, which, cfg, path, iteration, dev, ctaugment=policy)

@@ -35,6 +35,8 @@ FIXED: Mapping[str, str] = MappingProxyType(
         "data.split_seed": "another labeled split",
         "data.labels_file": "another labeled split",
         "data.val_labels": "other images held out, so another unlabeled stream",
+        "data.imbalance_ratio": "other images kept per class, so another unlabeled stream (and, with imbalance_labeled, another labeled split)",
+        "data.imbalance_labeled": "another labeled split",
         "data.image_size": "other inputs for the same weights",
         "data.channels": "other inputs (and another first layer)",
         "data.unlabeled_dir": "another unlabeled stream",

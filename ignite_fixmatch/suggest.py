@@ -7,7 +7,8 @@ read exactly as evaluation reads a test image. Each candidate gets three scores 
 
 * ``uncertainty`` = 1 - margin, the margin being the model's top-1 minus top-2 probability on the image;
 * ``disagreement`` = 1 - p_strong[argmax p_eval], averaged over ``--strong-draws`` draws of the run's own
-  strong augmentation (its RandAugment variant, seeded per image from ``--seed``): an image whose prediction
+  strong augmentation (its RandAugment variant, or CTAugment with the checkpoint's learned policy, seeded per
+  image from ``--seed``): an image whose prediction
   does not survive the augmentation FixMatch trains with gets no useful pseudo-label;
 * ``class_boost`` = max(0, 1 - K * share of its predicted class among the confident predictions): images of
   classes the pseudo-labels under-represent (share 0: 1; at least the uniform 1/K: 0).
@@ -43,6 +44,7 @@ import torch
 from PIL import Image
 
 from ignite_fixmatch.augment import StrongView
+from ignite_fixmatch.augment.ctaugment import CTAugmentViews
 from ignite_fixmatch.charts import contact_sheet
 from ignite_fixmatch.data import save_split, view_settings
 from ignite_fixmatch.datasets import DataError
@@ -170,12 +172,21 @@ def check_same_data(model: InferenceModel, folder: Path, paths: Sequence[str]) -
 # --------------------------------------------------------------------------- scores
 
 
-def strong_view(model: InferenceModel) -> StrongView:
+def strong_view(model: InferenceModel) -> StrongView | CTAugmentViews:
     """The run's strong augmentation, with the settings training used (data.view_settings), from the stored
-    preprocessing (side, mean, std) instead of the data set."""
+    preprocessing (side, mean, std) instead of the data set. A CTAugment run's: CTAugment with the policy the
+    checkpoint learned (its ``ctaugment`` entry), as training drew its strong views at that iteration."""
     prep = model.preprocessing
     shape = SimpleNamespace(default_image_size=prep.image_size, mean=prep.mean, std=prep.std)
-    return StrongView(model.config.data.randaugment, **view_settings(model.config, shape))  # type: ignore[arg-type]
+    settings = view_settings(model.config, shape)  # type: ignore[arg-type]
+    if model.config.data.randaugment == "ctaugment":
+        if model.ctaugment is None:
+            raise SuggestError(
+                f"checkpoint {str(model.path)!r} is of a CTAugment run but holds no learned policy (no 'ctaugment' entry), so its "
+                "strong view cannot be drawn: use another checkpoint of the run, or --strong-draws 0 to rank without the disagreement."
+            )
+        return CTAugmentViews(model.ctaugment, **settings)
+    return StrongView(model.config.data.randaugment, **settings)
 
 
 def as_uint8(img: Image.Image) -> np.ndarray:
@@ -210,7 +221,7 @@ def score_candidates(
     confident: float, batch_size: int, warn, progress,
 ) -> Scored:
     """Run the model on every readable candidate (evaluation view and ``strong_draws`` strong views) and score it."""
-    strong = strong_view(model)
+    strong = strong_view(model) if strong_draws else None
     kept, images, feats, probs, disagree = [], [], [], [], []
     batch: list[tuple[Candidate, Image.Image]] = []
 

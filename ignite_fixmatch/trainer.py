@@ -125,6 +125,7 @@ def create_trainer(
     batch_transform: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
     compile_model: bool = False,
     compile_mode: str = "default",
+    feedback: Callable[[Callable[[Tensor], Tensor], Mapping[str, Tensor]], None] | None = None,
 ) -> Engine:
     """An Engine whose iteration is one update of ``algorithm`` on a batch (x, y, u_w, u_s, u_y, u_idx).
 
@@ -141,6 +142,9 @@ def create_trainer(
     ``compile_mode``: torch.compile's mode; "reduce-overhead" also replays forward and backward as CUDA
     graphs on a GPU. If the first compiled step fails (a model or backend that cannot be compiled), the
     run warns and goes on without compiling; a later failure is raised.
+    ``feedback(classify, batch)`` runs after ``batch_transform`` and before the forward, with ``classify``:
+    images -> softmax of the model in inference mode (no gradient, batch-norm statistics untouched, this
+    step's weights): CTAugment's probes update its policy there.
     """
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     names = step_metric_names(algorithm)
@@ -165,11 +169,22 @@ def create_trainer(
         # float images into the model's layout; uint8 ones are left for batch_transform, which reads NCHW
         return t.contiguous(memory_format=memory_format) if t.dim() == 4 and t.is_floating_point() else t
 
+    def classify(images: Tensor) -> Tensor:
+        """Class probabilities (float32) of the model in inference mode, without gradient."""
+        model.eval()
+        try:
+            with torch.no_grad(), autocast_context(device, amp, amp_dtype):
+                return torch.softmax(model(images.contiguous(memory_format=memory_format)).float(), dim=1)
+        finally:
+            model.train()
+
     def update(engine: Engine, batch: Mapping[str, Tensor]) -> dict[str, Any]:
         model.train()
         batch = {k: to_device(v) for k, v in batch.items()}
         if batch_transform is not None:
             batch = batch_transform(batch)
+        if feedback is not None:
+            feedback(classify, batch)
         step_index.fill_(engine.state.iteration - 1)
 
         def forward_backward(fn: Callable[..., tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

@@ -20,12 +20,14 @@ from ignite.engine import Engine, Events
 from ignite.utils import manual_seed, setup_logger
 
 from ignite_fixmatch.algorithms import build_algorithm
+from ignite_fixmatch.augment.ctaugment import CTAugmentViews
 from ignite_fixmatch.augment.cuda_graph import CudaGraphed
 from ignite_fixmatch.config import Config, ConfigError, check_divisible, dump_yaml
-from ignite_fixmatch.data import FixMatchData, FixMatchStream, build_data, build_eval_loader, save_split, sources_from_config
+from ignite_fixmatch.data import FixMatchData, FixMatchStream, build_data, build_eval_loader, class_counts, save_split, sources_from_config
 from ignite_fixmatch.device_data import DeviceEvalBatches, DeviceResidentStream
 from ignite_fixmatch.errors import OutputDirError
 from ignite_fixmatch.models import build_model
+from ignite_fixmatch.output_files import write_atomically
 from ignite_fixmatch.plugins import Context, attach_all, build_handlers
 from ignite_fixmatch.preemption import PreemptionGuard
 from ignite_fixmatch.preprocessing import Preprocessing
@@ -223,6 +225,8 @@ def augmentation_on_device(data: FixMatchData, cfg: Config, device: torch.device
     """The trainer's batch_transform: the batched views, replayed as a CUDA graph where asked (auto: on a GPU)."""
     if data.batched is None:
         return None
+    if isinstance(data.batched, CTAugmentViews):  # reads its policy on the host every step: not a fixed graph
+        return data.batched
     if device.type == "cuda" and cfg.data.cuda_graph in ("auto", "on"):
         return CudaGraphed(data.batched)
     return data.batched
@@ -238,6 +242,17 @@ def training_data(
     pin = device.type == "cuda"
     stream = FixMatchStream(data, cfg, rank, world_size, start_iteration=start_iteration, pin_memory=pin)
     return stream, build_eval_loader(data.sources, cfg.data.eval_batch_size, min(cfg.data.num_workers, 2), rank, world_size, pin)
+
+
+def log_class_counts(data: FixMatchData, cfg: Config, output_dir: Path, logger: logging.Logger) -> None:
+    """Images per class, labeled / unlabeled, in the log; a long-tailed run (data.imbalance_ratio) also
+    writes them to class_counts.json (written whole: a temporary file renamed into place)."""
+    counts = class_counts(data)
+    pairs = ", ".join(f"{name} {a}/{b}" for name, a, b in zip(counts["classes"], counts["labeled"], counts["unlabeled"]))
+    extra = f" (and {counts['unlabeled_without_class']} unlabeled without a class)" if counts["unlabeled_without_class"] else ""
+    logger.info("Images per class, labeled/unlabeled: %s%s", pairs, extra)
+    if cfg.data.imbalance_ratio > 1:
+        write_atomically(output_dir / "class_counts.json", lambda tmp: tmp.write_text(json.dumps(counts, indent=1) + "\n"))
 
 
 def training(local_rank: int, cfg: Config) -> dict[str, Any]:
@@ -272,6 +287,7 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
             "Data %s: %d labeled of %d training images, %d unlabeled, %d test, %d classes",
             cfg.data.name, len(data.labeled_indices), len(sources.train), len(data.unlabeled), len(sources.test), sources.num_classes,
         )
+        log_class_counts(data, cfg, output_dir, logger)
         if len(data.val_indices):  # data.val_labels: held out of training, to calibrate on
             save_split(output_dir / "val_indices.txt", data.val_indices)
             logger.info("Held out %d labeled images (data.val_labels=%d per class): val_indices.txt", len(data.val_indices), cfg.data.val_labels)
@@ -297,8 +313,10 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
     if needs_grad_scaler(device, cfg.amp, cfg.amp_dtype):
         scaler = torch.amp.GradScaler(device.type)
 
+    labeled_targets = torch.as_tensor(sources.train.targets[data.labeled_indices])  # per-class counts: distribution alignment's target
     algorithm = build_algorithm(
-        cfg.algorithm.name, cfg.algorithm.params, num_classes=sources.num_classes, num_unlabeled=len(data.unlabeled)
+        cfg.algorithm.name, cfg.algorithm.params, num_classes=sources.num_classes, num_unlabeled=len(data.unlabeled),
+        labeled_counts=torch.bincount(labeled_targets, minlength=sources.num_classes).tolist(),
     ).to(device)
     if rank == 0:
         logger.info("Algorithm: %s", algorithm.describe())
@@ -307,6 +325,7 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         use_interleave=cfg.train.interleave, amp=cfg.amp, amp_dtype=cfg.amp_dtype,
         channels_last=m.channels_last, scaler=scaler, batch_transform=batch_transform,
         compile_model=compile_model, compile_mode=m.compile_mode,
+        feedback=data.batched.feedback if isinstance(data.batched, CTAugmentViews) else None,
     )
     # Ignite logs the exception that ends a run (twice) before re-raising it; the command line prints it once.
     trainer.logger = setup_logger("trainer", level=logging.CRITICAL, distributed_rank=rank)
@@ -326,6 +345,8 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         to_save["scaler"] = scaler
     if algorithm.has_state():  # its buffers: saved and restored like the model's
         to_save["algorithm"] = algorithm
+    if isinstance(data.batched, CTAugmentViews):  # CTAugment's learned bin weights
+        to_save["ctaugment"] = data.batched.policy
     ctx = Context(
         trainer=trainer, model=model, optimizer=optimizer, config=cfg, output_dir=output_dir, logger=logger,
         loaders={"train": stream, "test": eval_loader}, to_save=to_save, scaler=scaler, device=device,

@@ -218,3 +218,15 @@ class HoldInsideSave:
             _hold(self.marker, None)
 
         torch.save = save
+
+
+class DumpState:
+    """Test handler: at the end of the run, every process writes ``to_save[key]``'s state dict to
+    ``<prefix>.rank<r>.pt``, so a test can compare what the processes hold."""
+
+    def __init__(self, prefix: str, key: str) -> None:
+        self.prefix, self.key = prefix, key
+
+    def attach(self, ctx) -> None:
+        item, rank = ctx.to_save[self.key], ctx.rank
+        ctx.trainer.add_event_handler(Events.COMPLETED, lambda _: torch.save(item.state_dict(), f"{self.prefix}.rank{rank}.pt"))

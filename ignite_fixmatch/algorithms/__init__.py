@@ -25,6 +25,8 @@ class Builtin(NamedTuple):
 BUILTINS: Mapping[str, Builtin] = MappingProxyType(
     {
         "fixmatch": Builtin("ignite_fixmatch.algorithms.fixmatch:FixMatch", "ignite_fixmatch.algorithms.params:FixMatchParams"),
+        "flexmatch": Builtin("ignite_fixmatch.algorithms.flexmatch:FlexMatch", "ignite_fixmatch.algorithms.params:FlexMatchParams"),
+        "freematch": Builtin("ignite_fixmatch.algorithms.freematch:FreeMatch", "ignite_fixmatch.algorithms.params:FreeMatchParams"),
     }
 )
 
@@ -47,9 +49,14 @@ def params_class(name: str) -> type:
     return resolve_algorithm(name).Params
 
 
-def build_algorithm(name: str, params: Any, *, num_classes: int, num_unlabeled: int) -> Algorithm:
-    """The algorithm of a config, sized for the run's data."""
-    return resolve_algorithm(name)(params, num_classes=num_classes, num_unlabeled=num_unlabeled)
+def build_algorithm(name: str, params: Any, *, num_classes: int, num_unlabeled: int, labeled_counts: list[int] | None = None) -> Algorithm:
+    """The algorithm of a config, sized for the run's data.
+
+    ``labeled_counts`` (labeled images per class) goes only to a class that sets ``uses_labeled_counts``,
+    so an algorithm written with the two-size ``__init__`` keeps working."""
+    cls = resolve_algorithm(name)
+    extra = {"labeled_counts": labeled_counts} if cls.uses_labeled_counts else {}
+    return cls(params, num_classes=num_classes, num_unlabeled=num_unlabeled, **extra)
 
 
 def __getattr__(name: str) -> Any:

@@ -48,10 +48,15 @@ class Algorithm(nn.Module):
 
     ``num_classes`` and ``num_unlabeled`` (the size of the unlabeled set, the range of ``u_idx``) are
     known when the run's data is built, before the model; state sized by them is made in ``__init__``.
+    A class that sets ``uses_labeled_counts`` also gets ``labeled_counts=`` there.
     """
 
     Params: ClassVar[type] = NoParams
     metric_names: ClassVar[tuple[str, ...]] = ()
+    # True: ``__init__`` also takes ``labeled_counts`` (labeled images per class, a list of ints; None when
+    # unknown), e.g. for distribution alignment. False keeps the two-size signature, which algorithms
+    # written before it still have.
+    uses_labeled_counts: ClassVar[bool] = False
 
     def __init__(self, params: Any, *, num_classes: int, num_unlabeled: int) -> None:
         super().__init__()
