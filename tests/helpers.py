@@ -230,3 +230,18 @@ class DumpState:
     def attach(self, ctx) -> None:
         item, rank = ctx.to_save[self.key], ctx.rank
         ctx.trainer.add_event_handler(Events.COMPLETED, lambda _: torch.save(item.state_dict(), f"{self.prefix}.rank{rank}.pt"))
+
+
+def kill_two_processes_after_checkpoint(args: list[str], output_dir: Path, iteration: int = 10) -> None:
+    """:func:`kill_after_checkpoint` for a job of 2 gloo processes: hold it right after its checkpoint at
+    ``iteration``, SIGKILL its whole process group and wait until every process is gone."""
+    from test_distributed import LAUNCH_TIMEOUT, spawn_args, wait_group_gone
+
+    held = held_marker(output_dir, iteration)
+    proc = popen([*with_handler(args, HOLD_AFTER, iteration=iteration, marker=str(held)), *spawn_args()], start_new_session=True)
+    try:
+        wait_for_file(held, proc, timeout=LAUNCH_TIMEOUT)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    wait_group_gone(proc.pid)

@@ -5,23 +5,18 @@ bit-identically (one process and two)."""
 import io
 import json
 import math
-import os
-import signal
 
 import pytest
 import torch
 
 from helpers import (
-    HOLD_AFTER,
     assert_same_tensors,
     cli,
     final_state_matches,
-    held_marker,
     kill_after_checkpoint,
+    kill_two_processes_after_checkpoint,
     load_state,
-    popen,
     tiny_overrides,
-    wait_for_file,
     with_handler,
 )
 from ignite_fixmatch.algorithms import BUILTINS, build_algorithm, resolve_algorithm
@@ -319,30 +314,28 @@ def test_sigkill_then_resume_is_bit_identical_with_the_algorithms_state(variant_
 
 
 @pytest.mark.slow
-def test_flexmatch_with_alignment_under_two_processes_resumes_exactly_with_equal_state(folder, tmp_path):
-    """2 gloo processes, killed after iteration 10 and resumed: every process holds the same FlexMatch and DA
-    state, equal to the uninterrupted job's, and the weights are bit-identical."""
-    from test_distributed import LAUNCH_TIMEOUT, assert_same_final_state, spawn_args, wait_group_gone
+def test_flexmatch_with_alignment_and_ctaugment_under_two_processes_resumes_exactly_with_equal_state(folder, tmp_path):
+    """2 gloo processes, 20 steps, killed after iteration 10 and resumed: every process holds the same FlexMatch
+    and DA state and the same CTAugment policy (each process probes its own half of the labeled batch; the
+    updates are gathered in rank order), all equal to the uninterrupted job's, and the weights are bit-identical."""
+    from test_distributed import LAUNCH_TIMEOUT, assert_same_final_state, spawn_args
 
     def args(out):
-        run = [*run_args(folder, out, "flexmatch"), "algorithm.distribution_alignment=true", "data.mu=4"]
+        run = [*run_args(folder, out, "flexmatch"), "algorithm.distribution_alignment=true", "data.randaugment=ctaugment", "data.mu=4"]
+        run = with_handler(run, "tests.helpers:DumpState", prefix=f"{out}.policy", key="ctaugment")
         return with_handler(run, "tests.toy_algorithm:DumpAlgorithmState", prefix=str(out))
 
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     result = cli([*args(reference), *spawn_args()], timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
-    held = held_marker(resumed, 10)
-    proc = popen([*with_handler(args(resumed), HOLD_AFTER, iteration=10, marker=str(held)), *spawn_args()], start_new_session=True)
-    try:
-        wait_for_file(held, proc, timeout=LAUNCH_TIMEOUT)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    wait_group_gone(proc.pid)
+    kill_two_processes_after_checkpoint(args(resumed), resumed)
     result = cli([*args(resumed), *spawn_args(), "resume=auto"], timeout=LAUNCH_TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resumed from" in result.stderr
+    assert result.returncode == 0 and "Resumed from" in result.stderr, result.stderr[-3000:]
 
+    policies = [torch.load(f"{d}.policy.rank{r}.pt", weights_only=True)["weights"] for d in (reference, resumed) for r in (0, 1)]
+    assert all(torch.equal(policies[0], w) for w in policies[1:])
+    assert torch.equal(policies[0], load_state(reference / "checkpoints" / "checkpoint_20.pt")["ctaugment"]["weights"])
+    assert (policies[0] != 1.0).sum().item() > 50  # 20 steps x 6 probes (3 per process) x 2 ops moved it
     ref0, ref1, res0, res1 = (torch.load(f"{d}.rank{r}.pt", weights_only=True) for d in (reference, resumed) for r in (0, 1))
     for state in (ref1, res0, res1):
         assert_same_tensors(ref0, state)

@@ -198,12 +198,9 @@ def test_a_users_algorithm_under_two_processes_resumes_exactly_with_equal_state(
     """The done-when of the seam: a dotted-path algorithm with state, 20 iterations on 2 gloo processes,
     killed after iteration 10 and resumed: every process holds the same state, equal to the
     uninterrupted job's, and the weights are bit-identical."""
-    import os
-    import signal
+    from test_distributed import CONFIG, LAUNCH_TIMEOUT, assert_same_final_state, spawn_args
 
-    from test_distributed import CONFIG, LAUNCH_TIMEOUT, assert_same_final_state, spawn_args, wait_group_gone
-
-    from helpers import HOLD_AFTER, cli, held_marker, load_state, popen, tiny_overrides, wait_for_file, with_handler
+    from helpers import cli, kill_two_processes_after_checkpoint, load_state, tiny_overrides, with_handler
 
     def args(out):
         run = [CONFIG, *tiny_overrides(folder, out), f"algorithm.name={TOY}", "algorithm.default=0.4", "data.mu=4"]
@@ -213,18 +210,10 @@ def test_a_users_algorithm_under_two_processes_resumes_exactly_with_equal_state(
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     result = cli([*args(reference), *spawn_args()], timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
-    held = held_marker(resumed, 10)
-    proc = popen([*with_handler(args(resumed), HOLD_AFTER, iteration=10, marker=str(held)), *spawn_args()], start_new_session=True)
-    try:
-        wait_for_file(held, proc, timeout=LAUNCH_TIMEOUT)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    wait_group_gone(proc.pid)
+    kill_two_processes_after_checkpoint(args(resumed), resumed)
     killed_at = load_state(resumed / "checkpoints" / "checkpoint_10.pt")["algorithm"]
     result = cli([*args(resumed), *spawn_args(), "resume=auto"], timeout=LAUNCH_TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resumed from" in result.stderr
+    assert result.returncode == 0 and "Resumed from" in result.stderr, result.stderr[-3000:]
 
     ref0, ref1, res0, res1 = (torch.load(f"{d}.rank{r}.pt", weights_only=True) for d in (reference, resumed) for r in (0, 1))
     for state in (ref1, res0, res1):

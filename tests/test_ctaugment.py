@@ -275,20 +275,5 @@ def test_the_device_path_learns_a_policy_too(folder, tmp_path):
     assert (_policy_at(out, 10) != 1.0).sum().item() > 20
 
 
-@pytest.mark.slow
-def test_two_processes_sample_from_one_policy(folder, tmp_path):
-    """2 gloo processes, 20 steps: each probes its own half of the labeled batch, yet both hold the same
-    weights (the updates are gathered in rank order), moved by the probes of both."""
-    from test_distributed import LAUNCH_TIMEOUT, spawn_args
-
-    from helpers import cli, load_state, tiny_overrides, with_handler
-
-    out = tmp_path / "ddp"
-    run = ["configs/quickstart.yaml", *tiny_overrides(folder, out, CTA)]
-    args = with_handler(run, "tests.helpers:DumpState", prefix=str(tmp_path / "policy"), key="ctaugment")
-    result = cli([*args, *spawn_args()], timeout=LAUNCH_TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    w0, w1 = (load_state(tmp_path / f"policy.rank{r}.pt")["weights"] for r in (0, 1))
-    assert torch.equal(w0, w1)
-    assert torch.equal(w0, _policy_at(out))
-    assert (w0 != 1.0).sum().item() > 50  # 20 steps x 6 probes (3 per process) x 2 ops
+# Two processes sampling from one policy, and its exact resume under DDP:
+# tests/test_algorithm_variants.py::test_flexmatch_with_alignment_and_ctaugment_under_two_processes_resumes_exactly_with_equal_state

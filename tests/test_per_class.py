@@ -19,7 +19,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from helpers import HOLD_AFTER, ROOT, cli, held_marker, popen, tiny_overrides, wait_for_file, with_handler
+from helpers import HOLD_AFTER, ROOT, cli, held_marker, kill_two_processes_after_checkpoint, popen, tiny_overrides, wait_for_file, with_handler
 from ignite_fixmatch.algorithms.fixmatch import FixMatch
 from ignite_fixmatch.charts import confusion_matrix_image
 from ignite_fixmatch.config import HandlerSpec, load_config
@@ -311,7 +311,7 @@ def test_clearml_offline_session_holds_the_confusion_matrix_and_tables(folder, t
 
 @pytest.mark.slow
 def test_two_processes_count_every_test_image_once_and_resume_their_pseudo_label_window(folder, tmp_path):
-    from test_distributed import LAUNCH_TIMEOUT, spawn_args, wait_group_gone
+    from test_distributed import LAUNCH_TIMEOUT, spawn_args
 
     reference = tmp_path / "ddp"
     result = cli([CONFIG, *tiny_overrides(folder, reference), *spawn_args()], timeout=LAUNCH_TIMEOUT)
@@ -325,14 +325,7 @@ def test_two_processes_count_every_test_image_once_and_resume_their_pseudo_label
 
     out = tmp_path / "killed"  # killed after iteration 15: each process holds 5 steps of its own pseudo-labels
     args = [CONFIG, *tiny_overrides(folder, out)]
-    held = held_marker(out, 15)
-    proc = popen([*with_handler(args, HOLD_AFTER, iteration=15, marker=str(held)), *spawn_args()], start_new_session=True)
-    try:
-        wait_for_file(held, proc, timeout=LAUNCH_TIMEOUT)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    wait_group_gone(proc.pid)
+    kill_two_processes_after_checkpoint(args, out, iteration=15)
     resumed = cli([*args, *spawn_args(), "resume=auto"], timeout=LAUNCH_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = json.loads((out / "results.json").read_text())
