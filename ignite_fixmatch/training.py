@@ -207,6 +207,11 @@ AUGMENT_WHERE = {
     "batched": "batched on the device (loaders carry uint8 images)",
     "device": "batched on the device (data set held there)",
 }
+CTA_WHERE = {  # CTAugment's ops need this step's weights: the training process applies them on every path
+    "pil": "CTAugment, PIL per image in the training process (loaders carry uint8 images and draws)",
+    "batched": "CTAugment, batched on the device (loaders carry uint8 images and draws)",
+    "device": "CTAugment, batched on the device (data set held there)",
+}
 
 
 CPU_COMPILE_MIN_ITERS = 10_000
@@ -300,7 +305,8 @@ def training(local_rank: int, cfg: Config) -> dict[str, Any]:
         amp = f"on ({str(resolve_amp_dtype(device, cfg.amp_dtype)).removeprefix('torch.')})" if amp_enabled(device, cfg.amp) else "off"
         logger.info(
             "Speed settings: augmentation %s%s, amp %s, channels_last %s, compile %s, cudnn.benchmark %s",
-            AUGMENT_WHERE[data.augment], " as a CUDA graph" if isinstance(batch_transform, CudaGraphed) else "",
+            (CTA_WHERE if isinstance(data.batched, CTAugmentViews) else AUGMENT_WHERE)[data.augment],
+            " as a CUDA graph" if isinstance(batch_transform, CudaGraphed) else "",
             amp, "on" if m.channels_last else "off", f"on ({m.compile_mode})" if compile_model else "off",
             "on" if torch.backends.cudnn.benchmark else "off",
         )
