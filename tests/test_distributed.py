@@ -303,26 +303,32 @@ def test_nccl_without_gpus_is_refused_before_spawning(folder, tmp_path):
 
 @pytest.mark.slow
 def test_resume_under_two_processes_after_sigkill_ends_where_the_uninterrupted_run_did(ddp_run, folder, tmp_path):
-    from helpers import HOLD_AFTER, held_marker, with_handler
+    """Killed after iteration 15 (its checkpoint written; each process then holds 5 steps of its own
+    pseudo-label counts, not yet reported) and resumed: the weights, the history, the per-class results and
+    the pseudo-label window are those of the uninterrupted job, whose two shards count each test image once."""
+    import numpy as np
+
+    from helpers import kill_two_processes_after_checkpoint
 
     reference, _ = ddp_run
+    results = json.loads((reference / "results.json").read_text())
+    confusion = np.array(results["confusion"]["ema"])
+    assert confusion.sum(axis=1).tolist() == [4, 4, 4]  # 12 test images split over 2 shards, each counted once
+    assert 100.0 * np.trace(confusion) / 12 == pytest.approx(results["top1"], abs=1e-9)
+    pseudo = results["pseudo_labels"]  # 12 unlabeled images per step (tiny_overrides: batch 6 x mu 2)
+    assert pseudo["steps"] == 10 and pseudo["known"] == pseudo["counts"] and 0 < sum(pseudo["counts"]) <= 10 * 12
+
     out = tmp_path / "killed"
     args = [CONFIG, *tiny_overrides(folder, out)]
-    held = held_marker(out, 10)  # both ranks are held after iteration 10 (its checkpoint written) until killed
-    proc = popen([*with_handler(args, HOLD_AFTER, iteration=10, marker=str(held)), *spawn_args()], start_new_session=True)
-    try:
-        wait_for_file(held, proc, timeout=LAUNCH_TIMEOUT)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole job at once, as a scheduler does
-        proc.wait()
-    wait_group_gone(proc.pid)
-    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint_*.pt")) == ["checkpoint_10.pt", "checkpoint_5.pt"]
+    kill_two_processes_after_checkpoint(args, out, iteration=15)  # the whole job at once, as a scheduler does
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint_*.pt")) == ["checkpoint_10.pt", "checkpoint_15.pt"]
     result = cli([*args, *spawn_args(), "resume=auto"], timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stderr
     assert_same_final_state(reference, out)
-    ra, rb = (json.loads((d / "results.json").read_text()) for d in (reference, out))
-    assert ra["history"] == rb["history"]
+    again = json.loads((out / "results.json").read_text())
+    for key in ("history", "pseudo_labels", "per_class", "confusion"):
+        assert again[key] == results[key], key
 
 
 @pytest.mark.slow
