@@ -215,16 +215,18 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Score one checkpoint on its data set's test split. Accuracies in percent, as in results.json."""
     path, ckpt, cfg, which = open_checkpoint(checkpoint, data, data_root, model)
-    return score_checkpoint(path, ckpt, cfg, which, batch_size=batch_size, device=device, num_workers=num_workers, root_given=data_root is not None)
+    policy = checkpoint_policy(ckpt.get("ctaugment"), path)
+    return score_checkpoint(
+        path, ckpt, cfg, which, policy, batch_size=batch_size, device=device, num_workers=num_workers, root_given=data_root is not None
+    )
 
 
 def score_checkpoint(
-    path: Path, ckpt: Mapping[str, Any], cfg: Config, which: str, *,
+    path: Path, ckpt: Mapping[str, Any], cfg: Config, which: str, policy: CTAPolicy | None, *,
     batch_size: int | None = None, device: str = "auto", num_workers: int | None = None, root_given: bool = False,
 ) -> dict[str, Any]:
     """evaluate_checkpoint on a checkpoint already opened (open_checkpoint). A CTAugment run's report also holds
-    its learned policy (``ctaugment``: each op parameter's bin probabilities, as in results.json)."""
-    policy = checkpoint_policy(ckpt.get("ctaugment"), path)
+    its learned policy (``policy``, from :func:`checkpoint_policy`: each op parameter's bin probabilities, as in results.json)."""
     dev = resolve_device(device)
     sources = load_test_data(cfg, root_given=root_given)
     net = build_loaded_model(cfg, sources.classes, sources.channels, ckpt[MODEL_KEYS[which]], path, which).to(dev)
@@ -346,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"(data.randaugment={cfg.data.randaugment}); only data.randaugment=ctaugment learns one. Drop --policy."
             )
         report = score_checkpoint(
-            path, ckpt, cfg, which, batch_size=args.batch_size, device=args.device, num_workers=args.num_workers, root_given=args.data_root is not None
+            path, ckpt, cfg, which, policy, batch_size=args.batch_size, device=args.device, num_workers=args.num_workers, root_given=args.data_root is not None
         )
     except USER_ERRORS as e:
         print("error: " + error_line(e), file=sys.stderr)
