@@ -125,16 +125,6 @@ def probe_rows_torch(n: int, size: tuple[int, int], generator: torch.Generator) 
     return out
 
 
-class RowSampler:
-    """A 'view' for data.AugmentedDataset that returns a row of draws (strong or probe) instead of an image."""
-
-    def __init__(self, draw: Callable[[random.Random, tuple[int, int]], list[float]]) -> None:
-        self.draw = draw
-
-    def __call__(self, img: Image.Image, rng: random.Random) -> Tensor:
-        return torch.tensor(self.draw(rng, img.size), dtype=torch.float64)
-
-
 # ---------------------------------------------------------------- the learned policy
 
 
@@ -327,11 +317,11 @@ class CTAugmentViews:
 
     def labeled_views(self) -> list[Callable]:
         """Views for AugmentedDataset: (uint8 image, weak draws, probe draws)."""
-        return [to_uint8_view, ParamSampler(self.weak), RowSampler(self.probe.sample)]
+        return [to_uint8_view, ParamSampler(self.weak), ParamSampler(self.probe)]
 
     def unlabeled_views(self) -> list[Callable]:
         """(uint8 image, weak draws, strong draws)."""
-        return [to_uint8_view, ParamSampler(self.weak), RowSampler(self.strong.sample)]
+        return [to_uint8_view, ParamSampler(self.weak), ParamSampler(self.strong)]
 
     @staticmethod
     def batch(labeled: tuple[Tensor, ...], unlabeled: tuple[Tensor, ...]) -> DrawnBatch:
