@@ -233,7 +233,8 @@ def plot(outcomes: Sequence[Outcome], methods: Sequence[Method], columns: Sequen
         series[m.name] = [statistics.mean(v) if v else math.nan for v in cells]
         bands[m.name] = [(min(v), max(v)) if v else (math.nan, math.nan) for v in cells]
     seeds = sorted({o.seed for o in outcomes})
-    subtitle = f"mean over seeds {', '.join(map(str, seeds))}; shaded: min–max" if len(seeds) > 1 else f"seed {seeds[0]}"
+    # ASCII only: PIL's bundled font has no en dash
+    subtitle = f"mean over seeds {', '.join(map(str, seeds))}; shaded: lowest to highest seed" if len(seeds) > 1 else f"seed {seeds[0]}"
     return line_chart([str(c.labels) for c in balanced], series, bands, title=title, x_title="labeled images (balanced)",
                       y_title="EMA top-1 (%)", subtitle=subtitle, footer=footer)
 
@@ -324,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> list[Outcome]:
         "",
         f"Each run: `{CONFIG}` with {budget}, `seed=S data.split_seed=S`, `data.num_labels` as the column (ratio 10: "
         "`data.imbalance_ratio=10`, a long-tailed unlabeled set) and the method's overrides. A cell is the EMA model's top-1 (%) on the "
-        f"360 test digits at the last iteration: mean ± sample std (min–max) over seeds {', '.join(map(str, args.seeds))}.",
+        "360 test digits at the last iteration: "
+        + (f"mean ± sample std (min–max) over seeds {', '.join(map(str, args.seeds))}." if len(args.seeds) > 1 else f"seed {args.seeds[0]}."),
     ]
     if args.iters is not None:
         lines += ["", f"**Not the benchmark's numbers**: a shortened check ({budget}). The table is `python -m benchmarks.label_curve`."]
